@@ -1,0 +1,17 @@
+"""vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
+
+from .model import WeightsError, count_params
+from .registry import create_model, data_config, list_models
+from .weights import WeightsFileError, load_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WeightsError",
+    "WeightsFileError",
+    "count_params",
+    "create_model",
+    "data_config",
+    "list_models",
+    "load_weights",
+]

@@ -1,0 +1,123 @@
+"""Layers shared by the model families, named and shaped as timm's so that their parameters load unchanged.
+
+Each ``__call__`` is the forward of the timm / PyTorch module of the same name, step for step.
+"""
+
+from . import kernels, ops
+from .model import Identity, Module
+
+
+class Linear(Module):
+    """``nn.Linear(in_features, out_features, bias)``: y = x W^T + b, weight (out, in)."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.add_parameter("weight", (out_features, in_features), "trunc_normal")
+        if bias:
+            self.add_parameter("bias", (out_features,), "zeros")
+        self.has_bias = bias
+
+    def __call__(self, x):
+        return ops.linear(x, self.weight, self.bias if self.has_bias else None)
+
+
+class LayerNorm(Module):
+    """``nn.LayerNorm(dim, eps)`` over the last axis."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.add_parameter("weight", (dim,), "ones")
+        self.add_parameter("bias", (dim,), "zeros")
+        self.eps = eps
+
+    def __call__(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class PatchEmbed(Module):
+    """timm ``PatchEmbed``: Conv2d(in_chans, embed_dim, kernel=stride=patch) as patchify + one GEMM -> (B, N, D)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim, bias=True):
+        super().__init__()
+        self.proj = Module()
+        self.proj.add_parameter("weight", (embed_dim, in_chans, patch_size, patch_size), "lecun_normal")
+        if bias:
+            self.proj.add_parameter("bias", (embed_dim,), "zeros")
+        self.has_bias = bias
+        self.patch_size = patch_size
+
+    def __call__(self, x):
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias if self.has_bias else None)  # (B, N, D)
+
+
+class Attention(Module):
+    """timm ``Attention``: multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+
+    def attention_probs(self, x):
+        """softmax(q k^T * scale) for every head: (B, heads, N, N), with v (B, heads, N, head_dim)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views of qkv
+        q = q * self.scale
+        attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
+        return kernels.softmax(attn, out=attn), v
+
+    def __call__(self, x):
+        B, N, C = x.shape
+        attn, v = self.attention_probs(x)
+        x = attn @ v  # (B, heads, N, head_dim)
+        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
+        return self.proj(x)
+
+
+class Mlp(Module):
+    """timm ``Mlp``: fc1 -> activation -> fc2. The activation takes fc1's bias with it (one pass over memory)."""
+
+    def __init__(self, in_features, hidden_features, act="gelu"):
+        super().__init__()
+        self.fc1 = Linear(in_features, hidden_features)
+        self.fc2 = Linear(hidden_features, in_features)
+        self.act = act
+
+    def __call__(self, x):
+        x = ops.linear(x, self.fc1.weight)  # fc1 without its bias: the activation adds it
+        x = activation(self.act, x, self.fc1.bias)
+        return self.fc2(x)
+
+
+def activation(name, x, bias):
+    """act(x + bias) in place, for the activations the families use."""
+    if name == "gelu":
+        return kernels.gelu(x, bias=bias, out=x)
+    if name == "gelu_tanh":
+        return kernels.gelu(x, approximate="tanh", bias=bias, out=x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class Block(Module):
+    """timm ViT ``Block`` (pre-norm): x = x + attn(norm1(x)); x = x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, eps=1e-6, act="gelu"):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = LayerNorm(dim, eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation"]

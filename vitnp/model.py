@@ -1,0 +1,190 @@
+"""The small module system every vitnp model is built from.
+
+A :class:`Module` holds named parameters (NumPy arrays) and named child modules, so that a model's dotted parameter
+names are exactly the keys of the PyTorch ``state_dict`` it mirrors (timm's names). :class:`Model` adds what a
+whole network needs: input checks, ``state_dict`` / ``load_state_dict(strict=True)`` with errors that name keys,
+seeded random initialisation and a dtype.
+"""
+
+import math
+
+import numpy as np
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit a model: missing, unexpected or mis-shaped keys, or unusable values."""
+
+
+class Module:
+    """A node of the parameter tree. Parameters and children are found by attribute name, in definition order."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_inits", {})
+        object.__setattr__(self, "_modules", {})
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        parameters = self.__dict__.get("_parameters", {})
+        if name in parameters:
+            return parameters[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def add_parameter(self, name, shape, init):
+        """Declare a parameter: its shape and how random initialisation fills it.
+
+        ``init`` is 'zeros', 'ones', 'trunc_normal' (std 0.02, cut at +-2 std, timm's default for Linear weights
+        and position embeddings), 'small_normal' (std 1e-6, timm's class token) or 'lecun_normal' (a Conv2d patch
+        embedding: std sqrt(1 / fan_in)).
+        """
+        self._parameters[name] = np.zeros(shape, dtype=np.float32)
+        self._inits[name] = init
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def named_parameters(self):
+        for prefix, module in self.named_modules():
+            for name, value in module._parameters.items():
+                yield prefix + name, value
+
+
+class Identity(Module):
+    """Returns its input: the slot of an optional layer (no norm, no head), as ``nn.Identity``."""
+
+    def __call__(self, x):
+        return x
+
+
+def _trunc_normal(rng, shape, std):
+    values = rng.standard_normal(shape)
+    while True:  # redraw the few values outside +-2 std, as torch.nn.init.trunc_normal_ bounds them
+        outside = np.abs(values) > 2.0
+        if not outside.any():
+            return values * std
+        values[outside] = rng.standard_normal(int(outside.sum()))
+
+
+def _initial_value(rng, init, shape):
+    if init == "zeros":
+        return np.zeros(shape)
+    if init == "ones":
+        return np.ones(shape)
+    if init == "trunc_normal":
+        return _trunc_normal(rng, shape, 0.02)
+    if init == "small_normal":
+        return rng.standard_normal(shape) * 1e-6
+    if init == "lecun_normal":
+        fan_in = int(np.prod(shape[1:]))
+        return _trunc_normal(rng, shape, math.sqrt(1.0 / fan_in))
+    raise ValueError(f"unknown init {init!r}")
+
+
+class Model(Module):
+    """A whole network: call it on (B, C, H, W) images; load and save its parameters by timm's key names.
+
+    Subclasses set ``in_chans`` and ``img_size`` and define ``forward_features`` and ``forward_head``.
+    """
+
+    in_chans: int
+    img_size: tuple
+
+    def init_weights(self, seed=0, dtype=np.float32):
+        """Fill every parameter with seeded random values (timm-like init) in ``dtype``."""
+        rng = np.random.default_rng(seed)
+        for prefix, module in self.named_modules():
+            for name, init in module._inits.items():
+                shape = module._parameters[name].shape
+                module._parameters[name] = _initial_value(rng, init, shape).astype(dtype)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def check_input(self, x):
+        """Return ``x`` as an array of the model's dtype after checking it is a (B, C, H, W) float image batch."""
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(
+                f"expected a floating-point image array, got dtype {x.dtype}; convert and normalise the images "
+                "first (pixels scaled to [0, 1], then the model's mean/std)"
+            )
+        if x.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) array of rank 4, got shape {x.shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels (axis 1 of NCHW), got shape {x.shape}")
+        self.check_image_size(x.shape[2], x.shape[3])
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def check_image_size(self, height, width):
+        if (height, width) != tuple(self.img_size):
+            raise ValueError(
+                f"this model takes {self.img_size[0]}x{self.img_size[1]} images, got {height}x{width}; "
+                f"create it with img_size=({height}, {width}) for another size"
+            )
+
+    def state_dict(self):
+        """The parameters by timm's ``state_dict()`` key names, in timm's order."""
+        return dict(self.named_parameters())
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load parameters by name, cast to the model's dtype.
+
+        Every problem is collected before anything changes: missing keys (when ``strict``), unexpected keys (when
+        ``strict``), mis-shaped keys and values that are not real numbers are reported together in one
+        :class:`WeightsError`, and the model keeps its old parameters. Returns ``(missing, unexpected)``.
+        """
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mis_shaped, unusable = [], []
+        converted = {}
+        for key, current in own.items():
+            if key not in state_dict:
+                continue
+            value = np.asarray(state_dict[key])
+            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                unusable.append(f"{key} (dtype {value.dtype})")
+            elif value.shape != current.shape:
+                mis_shaped.append(f"{key}: weights {tuple(value.shape)}, model {tuple(current.shape)}")
+            else:
+                converted[key] = value if value.dtype == self.dtype else value.astype(self.dtype)
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mis_shaped:
+            problems.append(f"mis-shaped keys ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
+        if unusable:
+            problems.append(f"keys whose values are not real numbers ({len(unusable)}): {', '.join(unusable)}")
+        if problems:
+            raise WeightsError(
+                f"cannot load weights into {type(self).__name__}; nothing was loaded:\n  " + "\n  ".join(problems)
+            )
+        modules = dict(self.named_modules())
+        for key, value in converted.items():
+            prefix, _, name = key.rpartition(".")
+            modules[prefix + "." if prefix else ""]._parameters[name] = value
+        return missing, unexpected
+
+
+def count_params(model, convention="timm"):
+    """Number of parameters.
+
+    ``convention='timm'`` counts every parameter, as ``sum(p.numel() for p in model.parameters())`` does.
+    ``convention='torchsummary'`` counts only the parameters held by sub-modules, leaving out the ones the model
+    holds itself (class / distillation token, position embedding): what torchsummary reports, because its
+    per-layer hooks never see a bare ``nn.Parameter`` of the root module.
+    """
+    if convention == "timm":
+        return sum(int(v.size) for _, v in model.named_parameters())
+    if convention == "torchsummary":
+        return sum(int(v.size) for k, v in model.named_parameters() if "." in k)
+    raise ValueError(f"convention must be 'timm' or 'torchsummary', got {convention!r}")
