@@ -1,6 +1,7 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
 from .model import WeightsError, count_params
+from .preprocess import load_image, normalize
 from .registry import create_model, data_config, list_models
 from .weights import WeightsFileError, load_weights
 
@@ -13,5 +14,7 @@ __all__ = [
     "create_model",
     "data_config",
     "list_models",
+    "load_image",
     "load_weights",
+    "normalize",
 ]

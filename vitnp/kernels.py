@@ -10,14 +10,143 @@ functions are the jitted loops over rows of a 2-D array.
 
 import math
 
+import llvmlite.ir
 import numba
 import numpy as np
+from numba.extending import intrinsic, overload
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
 
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scalar helpers that vectorise
+#
+# ``math.exp`` / ``math.erf`` are scalar libm calls that LLVM cannot vectorise (and strict IEEE order forbids it to
+# vectorise a running sum), which made exp / erf / row sums the bulk of softmax, GELU and LayerNorm. For float32
+# kernels the helpers below compute in float64 with plain arithmetic that vectorises, to well under float32's
+# rounding; float64 kernels keep ``math``'s functions.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_LANES = 8  # partial sums of _sum_lanes: independent chains, so the loop vectorises without reordering any one sum
+
+# erf(z) ~ z P(z^2) / Q(z^2) for |z| < 4, coefficients lowest order first: a minimax fit on [0, 4] (Lawson-weighted
+# least squares against mpmath's erf), max |error| 1.5e-9 in float64. For |z| >= 4, 1 - |erf(z)| < 1.6e-8: erf = +-1,
+# as in float32 arithmetic (and gelu(-40) is exactly 0, as torch's).
+_ERF_P = (
+    1.1283791821107005, 0.18471037769748402, 0.05433259899168645, 0.0038395299091625546, 0.00038269220699212094,
+    4.780538919443161e-06, -1.366678534231447e-08,
+)  # fmt: skip
+_ERF_Q = (1.0, 0.49702885564164656, 0.11382631912782507, 0.015453517669389634, 0.0013095791310779193, 6.400926125020492e-05)
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """The float64 whose IEEE-754 bit pattern is the int64 ``bits`` (a reinterpretation, not a conversion)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmlite.ir.DoubleType())
+
+    return numba.types.float64(numba.types.int64), codegen
+
+
+def _exp(x, dtype):
+    """exp(x) to the precision of ``dtype``, inside a kernel (Numba compiles the overload below)."""
+    return math.exp(x)
+
+
+@overload(_exp)
+def _exp_for_dtype(x, dtype):
+    if dtype.dtype == numba.types.float64:
+        return lambda x, dtype: math.exp(x)
+
+    def exp_for_float32(x, dtype):
+        # exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) by its Taylor series to r^7 (relative
+        # error < 6e-9); 2^n built from its exponent bits. x is clamped to where float32 exp is 0 or inf anyway.
+        x = float(x)
+        if x < -104.0:
+            x = -104.0
+        elif x > 89.0:
+            x = 89.0
+        n = np.floor(x * _LOG2E + 0.5)
+        r = x - n * _LN2
+        exp_r = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r / 5040))))))
+        return exp_r * _float64_from_bits(np.int64(np.int32(n) + 1023) << 52)
+
+    return exp_for_float32
+
+
+def _erf(z, dtype):
+    """erf(z) to the precision of ``dtype``, inside a kernel (Numba compiles the overload below)."""
+    return math.erf(z)
+
+
+@overload(_erf)
+def _erf_for_dtype(z, dtype):
+    if dtype.dtype == numba.types.float64:
+        return lambda z, dtype: math.erf(z)
+
+    def erf_for_float32(z, dtype):
+        z = float(z)
+        t = z * z
+        p0, p1, p2, p3, p4, p5, p6 = _ERF_P
+        q0, q1, q2, q3, q4, q5 = _ERF_Q
+        p = p0 + t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * (p5 + t * p6)))))
+        q = q0 + t * (q1 + t * (q2 + t * (q3 + t * (q4 + t * q5))))
+        erf = z * p / q
+        if z >= 4.0:
+            erf = 1.0
+        elif z <= -4.0:
+            erf = -1.0
+        return erf
+
+    return erf_for_float32
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sum_lanes(a):
+    """sum(a) of a 1-D array in float64, as _LANES interleaved partial sums added at the end."""
+    n = a.shape[0]
+    partial = np.zeros(_LANES)
+    body = n - n % _LANES
+    for c in range(0, body, _LANES):
+        for lane in range(_LANES):
+            partial[lane] += a[c + lane]
+    total = 0.0
+    for lane in range(_LANES):
+        total += partial[lane]
+    for c in range(body, n):
+        total += a[c]
+    return total
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sum_squares_lanes(a):
+    """sum(a * a) of a 1-D array in float64, as :func:`_sum_lanes`."""
+    n = a.shape[0]
+    partial = np.zeros(_LANES)
+    body = n - n % _LANES
+    for c in range(0, body, _LANES):
+        for lane in range(_LANES):
+            v = float(a[c + lane])
+            partial[lane] += v * v
+    total = 0.0
+    for lane in range(_LANES):
+        total += partial[lane]
+    for c in range(body, n):
+        v = float(a[c])
+        total += v * v
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ViT: LayerNorm, GELU, softmax
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _rows(x):
@@ -26,24 +155,34 @@ def _rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def _rows_to_update(x2, out):
+    """The (rows, C) array an in-place kernel works on: ``out`` holding a copy of ``x2`` (unless it is ``x2``).
+
+    In-place kernels read and write one array, so LLVM vectorises their loops: with two arrays that may be the same
+    it must check for overlap at run time, and when ``out`` is ``x`` that check sends it to the scalar loop.
+    """
+    if out is None:
+        return x2.copy()
+    out2 = out.reshape(x2.shape)
+    if out2.ctypes.data != x2.ctypes.data or out2.strides != x2.strides:
+        np.copyto(out2, x2)
+    return out2
+
+
 @_jit_parallel
 def _layer_norm_rows(x, weight, bias, eps, out):
     # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row, var biased (divides by C).
     # Two passes over the row (mean, then centred sum of squares) as torch does: no E[x^2] - E[x]^2 cancellation.
+    # The centred row goes to ``out`` first, so ``out`` may be ``x``.
     rows, channels = x.shape
     for r in numba.prange(rows):
-        mean = 0.0
+        mean = _sum_lanes(x[r]) / channels
         for c in range(channels):
-            mean += x[r, c]
-        mean /= channels
-        var = 0.0
-        for c in range(channels):
-            d = x[r, c] - mean
-            var += d * d
-        var /= channels
+            out[r, c] = x[r, c] - mean
+        var = _sum_squares_lanes(out[r]) / channels
         inv_std = 1.0 / math.sqrt(var + eps)
         for c in range(channels):
-            out[r, c] = (x[r, c] - mean) * inv_std * weight[c] + bias[c]
+            out[r, c] = out[r, c] * inv_std * weight[c] + bias[c]
 
 
 def layer_norm(x, weight, bias, eps, out=None):
@@ -59,23 +198,24 @@ def layer_norm(x, weight, bias, eps, out=None):
 
 
 @_jit_parallel
-def _gelu_erf_rows(x, bias, out):
-    # GELU(x) = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), with the bias of the preceding Linear added first.
+def _gelu_erf_rows(x, bias):
+    # In place: GELU(x) = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), with the bias of the preceding Linear
+    # added first.
     rows, channels = x.shape
     for r in numba.prange(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
-            out[r, c] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
+            x[r, c] = 0.5 * v * (1.0 + _erf(v * _SQRT_HALF, x.dtype))
 
 
 @_jit_parallel
-def _gelu_tanh_rows(x, bias, out):
-    # GELU(x) ~ 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))): torch's approximate='tanh'.
+def _gelu_tanh_rows(x, bias):
+    # In place: GELU(x) ~ 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), torch's approximate='tanh'.
     rows, channels = x.shape
     for r in numba.prange(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
-            out[r, c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+            x[r, c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
 
 
 def gelu(x, approximate="none", bias=None, out=None):
@@ -89,36 +229,274 @@ def gelu(x, approximate="none", bias=None, out=None):
     x2 = _rows(x)
     if bias is None:
         bias = np.zeros(x2.shape[1], dtype=x2.dtype)
-    if out is None:
-        out = np.empty_like(x2)
+    y2 = _rows_to_update(x2, out)
     kernel = _gelu_erf_rows if approximate == "none" else _gelu_tanh_rows
-    kernel(x2, bias, out.reshape(x2.shape))
-    return out.reshape(x.shape)
+    kernel(y2, bias)
+    return y2.reshape(x.shape)
 
 
 @_jit_parallel
-def _softmax_rows(x, out):
-    # softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)): subtracting the row max keeps exp() <= 1.
+def _softmax_rows(x):
+    # In place: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max keeps exp() <= 1.
     rows, channels = x.shape
     for r in numba.prange(rows):
         row_max = x[r, 0]
         for c in range(1, channels):
             if x[r, c] > row_max:
                 row_max = x[r, c]
-        total = 0.0
         for c in range(channels):
-            e = math.exp(x[r, c] - row_max)
-            out[r, c] = e
-            total += e
-        inv_total = 1.0 / total
+            x[r, c] = _exp(x[r, c] - row_max, x.dtype)
+        inv_total = 1.0 / _sum_lanes(x[r])
         for c in range(channels):
-            out[r, c] *= inv_total
+            x[r, c] *= inv_total
 
 
 def softmax(x, out=None):
     """Softmax over the last axis: ``torch.softmax(x, dim=-1)``. ``out`` may be ``x`` for an in-place update."""
     x2 = _rows(x)
+    y2 = _rows_to_update(x2, out)
+    _softmax_rows(y2)
+    return y2.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Swin: window partition / reverse / cyclic roll
+#
+# Feature maps are NHWC, (B, H, W, C), as timm 1.x keeps them; every kernel moves whole C-vectors, so the inner loop
+# is a contiguous copy. Windows are ordered (batch, window row, window column) and the tokens of a window row-major,
+# timm's ``window_partition`` order. The kernels are serial: a copy is bound by memory, not by arithmetic, and waking
+# the thread pool between two BLAS calls costs more than the copy (measured on 2 cores: ~3 ms vs ~0.1 ms at 56x56x96).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_nhwc(x, name):
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects a (B, H, W, C) array of rank 4, got shape {x.shape}")
+
+
+@_jit
+def _roll_hw(x, shift_h, shift_w, out):
+    # out[b, i, j] = x[b, (i - shift_h) mod H, (j - shift_w) mod W], with 0 <= shift_h < H and 0 <= shift_w < W.
+    B, H, W, C = x.shape
+    for row in range(B * H):
+        b = row // H
+        i = row % H
+        src_i = i - shift_h
+        if src_i < 0:
+            src_i += H
+        for j in range(W):
+            src_j = j - shift_w
+            if src_j < 0:
+                src_j += W
+            for c in range(C):
+                out[b, i, j, c] = x[b, src_i, src_j, c]
+
+
+def roll(x, shifts, out=None):
+    """Cyclic shift of a (B, H, W, C) map over H and W: ``torch.roll(x, shifts, dims=(1, 2))``.
+
+    out[b, i, j] = x[b, (i - shifts[0]) mod H, (j - shifts[1]) mod W]; negative shifts move towards the origin.
+    """
+    x = np.ascontiguousarray(x)
+    _check_nhwc(x, "roll")
+    B, H, W, C = x.shape
     if out is None:
-        out = np.empty_like(x2)
-    _softmax_rows(x2, out.reshape(x2.shape))
-    return out.reshape(x.shape)
+        out = np.empty_like(x)
+    _roll_hw(x, shifts[0] % H, shifts[1] % W, out)
+    return out
+
+
+@_jit
+def _window_partition(x, window_h, window_w, out):
+    # out[(b*nWh + wi)*nWw + wj, ti*window_w + tj] = x[b, wi*window_h + ti, wj*window_w + tj], or 0 past H or W.
+    B, H, W, C = x.shape
+    n_rows = (H + window_h - 1) // window_h
+    n_cols = (W + window_w - 1) // window_w
+    for strip in range(B * n_rows):  # strip = b * n_rows + wi: one row of windows of one image
+        b = strip // n_rows
+        wi = strip % n_rows
+        for ti in range(window_h):
+            i = wi * window_h + ti
+            for wj in range(n_cols):
+                w = strip * n_cols + wj
+                for tj in range(window_w):
+                    j = wj * window_w + tj
+                    t = ti * window_w + tj
+                    if i < H and j < W:
+                        for c in range(C):
+                            out[w, t, c] = x[b, i, j, c]
+                    else:
+                        for c in range(C):
+                            out[w, t, c] = 0.0
+
+
+def window_partition(x, window_size, out=None):
+    """(B, H, W, C) -> (B*nW, wh*ww, C) windows, zero-padding H and W at the bottom / right to whole windows.
+
+    Equals timm's ``F.pad(x, (0, 0, 0, pad_w, 0, pad_h))`` then ``window_partition(x, window_size).view(-1, wh*ww, C)``,
+    in one pass: nW = ceil(H / wh) * ceil(W / ww) windows per image.
+    """
+    x = np.ascontiguousarray(x)
+    _check_nhwc(x, "window_partition")
+    B, H, W, C = x.shape
+    window_h, window_w = window_size
+    num_windows = B * -(-H // window_h) * -(-W // window_w)
+    if out is None:
+        out = np.empty((num_windows, window_h * window_w, C), dtype=x.dtype)
+    _window_partition(x, window_h, window_w, out)
+    return out
+
+
+@_jit
+def _window_reverse(windows, window_h, window_w, out):
+    # out[b, i, j] = windows[(b*nWh + i // window_h)*nWw + j // window_w, (i % window_h)*window_w + j % window_w].
+    B, H, W, C = out.shape
+    n_rows = (H + window_h - 1) // window_h
+    n_cols = (W + window_w - 1) // window_w
+    for row in range(B * H):
+        b = row // H
+        i = row % H
+        wi = i // window_h
+        ti = i % window_h
+        for j in range(W):
+            w = (b * n_rows + wi) * n_cols + j // window_w
+            t = ti * window_w + j % window_w
+            for c in range(C):
+                out[b, i, j, c] = windows[w, t, c]
+
+
+def window_reverse(windows, window_size, H, W, out=None):
+    """Inverse of :func:`window_partition`: (B*nW, wh*ww, C) -> (B, H, W, C), dropping the padding.
+
+    Equals timm's ``window_reverse(windows.view(-1, wh, ww, C), window_size, Hp, Wp)[:, :H, :W]``.
+    """
+    windows = np.ascontiguousarray(windows)
+    window_h, window_w = window_size
+    if windows.ndim != 3 or windows.shape[1] != window_h * window_w:
+        raise ValueError(f"window_reverse expects (B*nW, {window_h * window_w}, C) windows, got shape {windows.shape}")
+    per_image = -(-H // window_h) * -(-W // window_w)
+    if windows.shape[0] % per_image:
+        raise ValueError(f"{windows.shape[0]} windows is not a whole number of {H}x{W} maps ({per_image} windows each)")
+    if out is None:
+        out = np.empty((windows.shape[0] // per_image, H, W, windows.shape[2]), dtype=windows.dtype)
+    _window_reverse(windows, window_h, window_w, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MobileViT: depthwise convolution, SiLU, per-channel affine (BatchNorm in eval mode / a conv bias) + SiLU
+#
+# Feature maps are NCHW, (B, C, H, W), timm's layout for convolutional networks: the loops run in parallel over the
+# B*C planes (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@_jit_parallel
+def _depthwise_conv2d_planes(x, weight, stride, padding, out):
+    # out[b, c, i, j] = sum_{u, v} weight[c, u, v] * x[b, c, i*stride + u - padding, j*stride + v - padding], taps
+    # outside the map reading zero padding. Each tap adds a scaled, strided run of one input row to an output row;
+    # the run is sliced out first so that the inner loop indexes from 0 (Numba's negative-index wraparound on a
+    # shifted index would keep LLVM from vectorising it).
+    B, C, H, W = x.shape
+    Ho, Wo = out.shape[2], out.shape[3]
+    kh, kw = weight.shape[1], weight.shape[2]
+    for plane in numba.prange(B * C):
+        b = plane // C
+        c = plane % C
+        for i in range(Ho):
+            row = out[b, c, i]
+            row[:] = 0.0
+            for u in range(kh):
+                src_i = i * stride + u - padding
+                if src_i < 0 or src_i >= H:
+                    continue
+                src = x[b, c, src_i]
+                for v in range(kw):
+                    j_lo = max(0, (padding - v + stride - 1) // stride)  # first j reading column >= 0
+                    j_hi = min(Wo, (W - 1 + padding - v) // stride + 1)  # one past the last j reading column < W
+                    if j_hi <= j_lo:
+                        continue
+                    start = j_lo * stride + v - padding
+                    run = src[start : start + stride * (j_hi - j_lo - 1) + 1 : stride]
+                    dst = row[j_lo:j_hi]
+                    w = weight[c, u, v]
+                    for k in range(j_hi - j_lo):
+                        dst[k] += w * run[k]
+
+
+def depthwise_conv2d(x, weight, stride=1, padding=0, out=None):
+    """Depthwise conv of a (B, C, H, W) map: ``F.conv2d(x, weight, None, stride, padding, groups=C)``.
+
+    ``weight`` is torch's (C, 1, kh, kw). out[b, c, i, j] = sum_{u, v} weight[c, 0, u, v] * xp[b, c, i*stride + u,
+    j*stride + v] with xp the map zero-padded by ``padding``; the padding is never materialised.
+    """
+    x = np.ascontiguousarray(x)
+    B, C, H, W = x.shape
+    if weight.shape[0] != C or weight.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: weight {weight.shape} does not fit {C} channels (expected ({C}, 1, kh, kw))")
+    kh, kw = weight.shape[2], weight.shape[3]
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"depthwise_conv2d: a {kh}x{kw} kernel does not fit a {H}x{W} map padded by {padding}")
+    if out is None:
+        out = np.empty((B, C, Ho, Wo), dtype=x.dtype)
+    _depthwise_conv2d_planes(x, np.ascontiguousarray(weight.reshape(C, kh, kw)), stride, padding, out)
+    return out
+
+
+@_jit_parallel
+def _silu_rows(x, bias):
+    # In place: SiLU(v) = v * sigmoid(v) = v / (1 + exp(-v)), v = x + bias: the bias of the preceding Linear added
+    # first. exp(-v) is huge for very negative v and v / (1 + exp(-v)) goes to -0, the right limit.
+    rows, channels = x.shape
+    for r in numba.prange(rows):
+        for c in range(channels):
+            v = x[r, c] + bias[c]
+            x[r, c] = v / (1.0 + _exp(-v, x.dtype))
+
+
+def silu(x, bias=None, out=None):
+    """SiLU over any array: ``torch.nn.functional.silu(x + bias)``, the bias (C,) over the last axis.
+
+    As :func:`gelu`: the bias add of a Linear and the activation in one pass; ``out`` may be ``x`` itself.
+    """
+    x2 = _rows(x)
+    if bias is None:
+        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
+    y2 = _rows_to_update(x2, out)
+    _silu_rows(y2, bias)
+    return y2.reshape(x.shape)
+
+
+@_jit_parallel
+def _channel_affine_planes(x, scale, shift, apply_silu):
+    # In place on a (B, C, L) array: y = x * scale[c] + shift[c] over each (b, c) plane, then SiLU(y) = y / (1 +
+    # exp(-y)) when apply_silu.
+    B, C, L = x.shape
+    for plane in numba.prange(B * C):
+        b = plane // C
+        c = plane % C
+        s = scale[c]
+        t = shift[c]
+        if apply_silu:
+            for k in range(L):
+                y = x[b, c, k] * s + t
+                x[b, c, k] = y / (1.0 + _exp(-y, x.dtype))
+        else:
+            for k in range(L):
+                x[b, c, k] = x[b, c, k] * s + t
+
+
+def channel_affine(x, scale, shift, act="none", out=None):
+    """act(x * scale[c] + shift[c]) over channel axis 1 of a (B, C, ...) map; act is 'silu' or 'none'.
+
+    With BatchNorm's scale and shift (:func:`vitnp.ops.batch_norm_scale_shift`) this is ``F.batch_norm`` in eval
+    mode, then ``F.silu`` or nothing; with scale 1 it adds a conv bias. ``out`` may be ``x`` for an in-place update.
+    """
+    if act not in ("none", "silu"):
+        raise ValueError(f"channel_affine act must be 'none' or 'silu', got {act!r}")
+    x = np.ascontiguousarray(x)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)  # (B, C, L)
+    y3 = _rows_to_update(x3, out)
+    _channel_affine_planes(y3, scale, shift, act == "silu")
+    return y3.reshape(x.shape)

@@ -101,6 +101,8 @@ def activation(name, x, bias):
         return kernels.gelu(x, bias=bias, out=x)
     if name == "gelu_tanh":
         return kernels.gelu(x, approximate="tanh", bias=bias, out=x)
+    if name == "silu":
+        return kernels.silu(x, bias=bias, out=x)
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -21,6 +21,8 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_inits", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_buffer_inits", {})
         object.__setattr__(self, "_modules", {})
 
     def __setattr__(self, name, value):
@@ -32,6 +34,9 @@ class Module:
         parameters = self.__dict__.get("_parameters", {})
         if name in parameters:
             return parameters[name]
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers:
+            return buffers[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def add_parameter(self, name, shape, init):
@@ -44,6 +49,16 @@ class Module:
         self._parameters[name] = np.zeros(shape, dtype=np.float32)
         self._inits[name] = init
 
+    def add_buffer(self, name, shape, init, dtype=None):
+        """Declare a buffer: saved state that is not a parameter (BatchNorm's running statistics), as torch's.
+
+        ``init`` as for :meth:`add_parameter`. ``dtype=None`` follows the model's dtype; a given dtype (int64 for
+        ``num_batches_tracked``) is kept on initialisation and on load. Buffers are in the ``state_dict`` but not
+        in :func:`count_params`.
+        """
+        self._buffers[name] = np.zeros(shape, dtype=dtype or np.float32)
+        self._buffer_inits[name] = (init, dtype)
+
     def named_modules(self, prefix=""):
         yield prefix, self
         for name, child in self._modules.items():
@@ -54,6 +69,12 @@ class Module:
             for name, value in module._parameters.items():
                 yield prefix + name, value
 
+    def named_state(self):
+        """Parameters and buffers in torch's ``state_dict`` order: a module's parameters, its buffers, its children."""
+        for prefix, module in self.named_modules():
+            yield from ((prefix + name, value) for name, value in module._parameters.items())
+            yield from ((prefix + name, value) for name, value in module._buffers.items())
+
 
 class Identity(Module):
     """Returns its input: the slot of an optional layer (no norm, no head), as ``nn.Identity``."""
@@ -63,12 +84,12 @@ class Identity(Module):
 
 
 def _trunc_normal(rng, shape, std):
-    values = rng.standard_normal(shape)
-    while True:  # redraw the few values outside +-2 std, as torch.nn.init.trunc_normal_ bounds them
+    values = rng.standard_normal(shape) * std
+    while True:  # redraw the values outside [-2, 2]: torch's trunc_normal_(std=std) bounds are absolute (a=-2, b=2)
         outside = np.abs(values) > 2.0
         if not outside.any():
-            return values * std
-        values[outside] = rng.standard_normal(int(outside.sum()))
+            return values
+        values[outside] = rng.standard_normal(int(outside.sum())) * std
 
 
 def _initial_value(rng, init, shape):
@@ -102,6 +123,9 @@ class Model(Module):
             for name, init in module._inits.items():
                 shape = module._parameters[name].shape
                 module._parameters[name] = _initial_value(rng, init, shape).astype(dtype)
+            for name, (init, fixed_dtype) in module._buffer_inits.items():
+                shape = module._buffers[name].shape
+                module._buffers[name] = _initial_value(rng, init, shape).astype(fixed_dtype or dtype)
         self.dtype = np.dtype(dtype)
 
     def __call__(self, x):
@@ -130,17 +154,17 @@ class Model(Module):
             )
 
     def state_dict(self):
-        """The parameters by timm's ``state_dict()`` key names, in timm's order."""
-        return dict(self.named_parameters())
+        """The parameters and buffers by timm's ``state_dict()`` key names, in timm's order."""
+        return dict(self.named_state())
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load parameters by name, cast to the model's dtype.
+        """Load parameters and buffers by name, cast to the model's dtype (integer buffers keep theirs).
 
         Every problem is collected before anything changes: missing keys (when ``strict``), unexpected keys (when
         ``strict``), mis-shaped keys and values that are not real numbers are reported together in one
         :class:`WeightsError`, and the model keeps its old parameters. Returns ``(missing, unexpected)``.
         """
-        own = dict(self.named_parameters())
+        own = dict(self.named_state())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         mis_shaped, unusable = [], []
@@ -154,7 +178,8 @@ class Model(Module):
             elif value.shape != current.shape:
                 mis_shaped.append(f"{key}: weights {tuple(value.shape)}, model {tuple(current.shape)}")
             else:
-                converted[key] = value if value.dtype == self.dtype else value.astype(self.dtype)
+                dtype = self.dtype if np.issubdtype(current.dtype, np.floating) else current.dtype  # int64 buffers stay
+                converted[key] = value if value.dtype == dtype else value.astype(dtype)
         problems = []
         if strict and missing:
             problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
@@ -171,7 +196,8 @@ class Model(Module):
         modules = dict(self.named_modules())
         for key, value in converted.items():
             prefix, _, name = key.rpartition(".")
-            modules[prefix + "." if prefix else ""]._parameters[name] = value
+            module = modules[prefix + "." if prefix else ""]
+            (module._parameters if name in module._parameters else module._buffers)[name] = value
         return missing, unexpected
 
 

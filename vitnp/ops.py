@@ -105,3 +105,187 @@ def multi_head_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_he
     x = scaled_dot_product_attention(q, k, v, head_dim**-0.5)  # (B, heads, N, head_dim)
     x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
     return linear(x, proj_weight, proj_bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Swin: window partition / reverse / cyclic roll (the readable definitions of the kernels of the same names)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def roll(x, shifts):
+    """``torch.roll(x, shifts, dims=(1, 2))`` on a (B, H, W, C) map: out[:, i, j] = x[:, i - s_h, j - s_w] (mod H, W)."""
+    return np.roll(x, shifts, axis=(1, 2))
+
+
+def window_partition(x, window_size):
+    """(B, H, W, C) -> (B*nW, wh*ww, C): zero-pad bottom / right to whole windows, then cut the windows.
+
+    timm's ``F.pad`` + ``window_partition`` + ``view(-1, wh*ww, C)``; windows ordered (b, window row, window column),
+    tokens row-major inside a window.
+    """
+    B, H, W, C = x.shape
+    wh, ww = window_size
+    pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
+    x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // wh, wh, Wp // ww, ww, C).transpose(0, 1, 3, 2, 4, 5)  # (B, nWh, nWw, wh, ww, C)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse(windows, window_size, H, W):
+    """Inverse of :func:`window_partition`: (B*nW, wh*ww, C) -> (B, H, W, C), the padding cropped away."""
+    wh, ww = window_size
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    C = windows.shape[-1]
+    x = windows.reshape(-1, Hp // wh, Wp // ww, wh, ww, C).transpose(0, 1, 3, 2, 4, 5)  # (B, nWh, wh, nWw, ww, C)
+    return x.reshape(-1, Hp, Wp, C)[:, :H, :W]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MobileViT: convolution, BatchNorm (eval), SiLU, bilinear resize, on NCHW maps (B, C, H, W)
+#
+# The models call conv2d / conv1x1 / resize_bilinear / fold_batch_norm from here; depthwise convolution, SiLU and the
+# BatchNorm affine run as the Numba kernels of the same names in :mod:`vitnp.kernels`, held to the definitions here.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def conv_output_size(size, kernel_size, stride, padding):
+    """Output length of a convolution along one axis (dilation 1): floor((size + 2 padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _pad_hw(x, padding):
+    return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1):
+    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=groups)`` (dilation 1), by im2col.
+
+    out[b, o, i, j] = bias[o] + sum_{c, u, v} weight[o, c, u, v] * xp[b, g*Cg + c, i*stride + u, j*stride + v] with
+    xp the input zero-padded by ``padding`` on every side, Cg = C / groups input channels per group and g = o // (O /
+    groups) the group of output channel o. The windows are a strided view of xp, copied once into a column matrix
+    (groups, Cg*kh*kw, B*Ho*Wo) whose rows follow the weight's (c, u, v) order: then one GEMM per group.
+    """
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = weight.shape
+    if C != Cg * groups or O % groups:
+        raise ValueError(f"conv2d: weight {weight.shape} with groups={groups} does not fit {C} input channels")
+    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit a {H}x{W} map padded by {padding}")
+    xp = _pad_hw(x, padding)
+    sb, sc, sh, sw = xp.strides
+    windows = as_strided(
+        xp, shape=(C, kh, kw, B, Ho, Wo), strides=(sc, sh, sw, sb, sh * stride, sw * stride), writeable=False
+    )
+    cols = windows.reshape(groups, Cg * kh * kw, B * Ho * Wo)
+    out = weight.reshape(groups, O // groups, Cg * kh * kw) @ cols  # (groups, O / groups, B*Ho*Wo)
+    out = out.reshape(O, B, Ho, Wo).transpose(1, 0, 2, 3)  # (B, O, Ho, Wo)
+    if bias is not None:
+        out = out + bias[:, None, None]
+    return np.ascontiguousarray(out)
+
+
+def conv1x1(x, weight, bias=None):
+    """``torch.nn.functional.conv2d(x, weight, bias)`` for a 1x1 kernel (stride 1, no padding): a plain GEMM.
+
+    out[b] = W @ x[b] with W the (O, C) weight and x[b] the image as a (C, H*W) matrix: no column matrix needed.
+    """
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    out = weight.reshape(O, C) @ x.reshape(B, C, H * W)  # (B, O, H*W)
+    if bias is not None:
+        out += bias[:, None]
+    return out.reshape(B, O, H, W)
+
+
+def depthwise_conv2d(x, weight, bias=None, stride=1, padding=0):
+    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=C)`` with weight (C, 1, kh, kw).
+
+    Each channel is filtered by its own kernel: out[b, c, i, j] = bias[c] + sum_{u, v} weight[c, 0, u, v] *
+    xp[b, c, i*stride + u, j*stride + v]. Written as one sum over the kh*kw taps, each tap a strided slice of the
+    padded map (im2col would build a kh*kw times larger matrix for a GEMM that has one output row per group).
+    """
+    B, C, H, W = x.shape
+    _, _, kh, kw = weight.shape
+    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
+    xp = _pad_hw(x, padding)
+    out = np.zeros((B, C, Ho, Wo), dtype=x.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            tap = xp[:, :, u : u + stride * (Ho - 1) + 1 : stride, v : v + stride * (Wo - 1) + 1 : stride]
+            out += weight[:, 0, u, v, None, None] * tap  # (B, C, Ho, Wo)
+    if bias is not None:
+        out += bias[:, None, None]
+    return out
+
+
+def _per_channel(v, ndim):
+    return v.reshape(-1, *([1] * (ndim - 2)))  # (C,) -> (C, 1, 1) against (B, C, H, W)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, eps):
+    """BatchNorm in eval mode, ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)``.
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel (axis 1).
+    """
+    mean, var = _per_channel(running_mean, x.ndim), _per_channel(running_var, x.ndim)
+    return (x - mean) / np.sqrt(var + eps) * _per_channel(weight, x.ndim) + _per_channel(bias, x.ndim)
+
+
+def batch_norm_scale_shift(weight, bias, running_mean, running_var, eps):
+    """BatchNorm in eval mode as the per-channel affine y = x * scale + shift (how torch's CPU kernel applies it).
+
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
+    """
+    scale = weight / np.sqrt(running_var + eps)
+    return scale, bias - running_mean * scale
+
+
+def fold_batch_norm(conv_weight, weight, bias, running_mean, running_var, eps):
+    """A bias-free conv followed by eval BatchNorm, as one conv: returns (folded weight, folded bias).
+
+    BN(conv(x, W)) = conv(x, W) * scale + shift = conv(x, W * scale[o]) + shift, per output channel o, with scale and
+    shift of :func:`batch_norm_scale_shift`. Computed in float64 and rounded once to the weight's dtype, so the
+    folded conv differs from conv-then-BN by rounding only.
+    """
+    scale, shift = batch_norm_scale_shift(
+        *(np.asarray(v, dtype=np.float64) for v in (weight, bias, running_mean, running_var)), eps
+    )
+    folded = np.asarray(conv_weight, dtype=np.float64) * scale[:, None, None, None]
+    return folded.astype(conv_weight.dtype), shift.astype(conv_weight.dtype)
+
+
+def silu(x):
+    """``torch.nn.functional.silu``: SiLU(x) = x * sigmoid(x) = x / (1 + exp(-x))."""
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 (float32): x / inf = -0, the right limit
+        return x / (1 + np.exp(-x))
+
+
+def bilinear_matrix(n_in, n_out):
+    """(n_out, n_in) weights of bilinear resampling along one axis, ``align_corners=False``, no antialias.
+
+    Output i reads the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped below at 0, and mixes its two neighbours
+    x0 = floor(src) and x1 = min(x0 + 1, n_in - 1) with weights 1 - l and l, l = src - x0: torch's
+    ``upsample_bilinear2d`` index arithmetic.
+    """
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    x0 = src.astype(np.int64)
+    x1 = np.minimum(x0 + 1, n_in - 1)
+    lam = src - x0
+    matrix = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(matrix, (rows, x0), 1.0 - lam)
+    np.add.at(matrix, (rows, x1), lam)  # x1 == x0 at the last input: the weights add up to 1 there
+    return matrix
+
+
+def resize_bilinear(x, size):
+    """``F.interpolate(x, size=size, mode='bilinear', align_corners=False)`` on (B, C, H, W), separably.
+
+    out[b, c] = M_h @ x[b, c] @ M_w^T with the 1-D weight matrices of :func:`bilinear_matrix`.
+    """
+    H, W = x.shape[-2:]
+    m_h = bilinear_matrix(H, size[0]).astype(x.dtype)
+    m_w = bilinear_matrix(W, size[1]).astype(x.dtype)
+    return m_h @ x @ m_w.T  # (B, C, size[0], size[1])

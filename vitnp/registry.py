@@ -11,10 +11,15 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from . import vit
+from . import layouts, mobilevit, notes_vit, swin, vit
 
 # Each family module holds its own table {name: (architecture kwargs, preprocessing config)}.
-_FAMILIES = [(vit.VisionTransformer, vit.MODELS)]
+_FAMILIES = [
+    (vit.VisionTransformer, vit.MODELS),
+    (swin.SwinTransformer, swin.MODELS),
+    (mobilevit.MobileViT, mobilevit.MODELS),
+    *notes_vit.FAMILIES,  # the notes' hand-built ViTs (seeds 000, 003) and lucidrains vit_pytorch.ViT
+]
 _REGISTRY = {name: (family, arch, data_cfg) for family, table in _FAMILIES for name, (arch, data_cfg) in table.items()}
 
 
@@ -36,14 +41,22 @@ def _lookup(name):
     return _REGISTRY[name]
 
 
+def family_tables(family_name):
+    """{name: (family class, architecture kwargs)} of the registered names whose family class is ``family_name``."""
+    return {n: (family, arch) for n, (family, arch, _) in _REGISTRY.items() if family.__name__ == family_name}
+
+
 def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0, **overrides):
     """Build a registered model; ``weights`` (a path or a state_dict) loads strictly, else seeded random init.
 
     ``overrides`` are timm's constructor keyword arguments (img_size, patch_size, in_chans, embed_dim, depth,
     num_heads, mlp_ratio, qkv_bias, class_token, global_pool, fc_norm, representation_size).
-    """
-    from .weights import load_weights
 
+    ``weights`` may be in any layout :mod:`vitnp.layouts` knows (torchvision, Hugging Face, DINO, original Swin,
+    ...): it is converted to the family's names, and what the checkpoint fixes (head size, representation layer,
+    LayerNorm eps, a config.json's num_heads / image size) overrides the name's arguments; ``num_classes`` and
+    ``overrides`` still win.
+    """
     family, arch, data_cfg = _lookup(name)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -52,14 +65,22 @@ def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0,
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown argument(s) for {name}: {', '.join(unknown)}; accepted: {', '.join(sorted(allowed))}")
-    args = {**arch, **overrides}
+    checkpoint = None
+    if weights is not None:  # read, detect the layout, convert to the family's names
+        checkpoint = layouts.prepare(weights)
+        layouts.check_family(checkpoint, family.__name__, name, family_tables)
+    from_checkpoint = {k: v for k, v in checkpoint.config.items() if k in allowed} if checkpoint else {}
+    args = {**arch, **from_checkpoint, **overrides}
     if num_classes is not None:
         args["num_classes"] = num_classes
     model = family(replace(family.Config(), **args))
-    model.init_weights(seed=seed, dtype=dtype)
+    if checkpoint is None:
+        model.init_weights(seed=seed, dtype=dtype)
+    else:
+        model.dtype = dtype  # the strict load below replaces every parameter: no random init to draw
     model.name = name
     model.data_config = data_cfg
-    if weights is not None:
-        state_dict = load_weights(weights) if not isinstance(weights, dict) else weights
-        model.load_state_dict(state_dict, strict=True)
+    model.labels = checkpoint.labels if checkpoint else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
     return model

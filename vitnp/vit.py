@@ -57,6 +57,8 @@ class VisionTransformer(Model):
             raise ValueError("global_pool='token' needs class_token=True")
         if cfg.distilled and (cfg.global_pool != "token" or not cfg.class_token):
             raise ValueError("a distilled (DeiT) model pools its class and distillation tokens: global_pool='token'")
+        if cfg.distilled and cfg.representation_size:
+            raise ValueError("a distilled (DeiT) model has no representation (pre-logits) layer: drop representation_size")
         img_size = _pair(cfg.img_size)
         if img_size[0] % cfg.patch_size or img_size[1] % cfg.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {cfg.patch_size}")

@@ -1,0 +1,13 @@
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Numba compiles each kernel on first use (seconds), so Hypothesis deadlines would fire on the first example.
+settings.register_profile(
+    "vitnp",
+    deadline=None,
+    max_examples=int(os.environ.get("VITNP_HYPOTHESIS_EXAMPLES", "25")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.load_profile("vitnp")

@@ -1,0 +1,171 @@
+"""The `vitnp` command: `list`, and `export` from a timm name or a checkpoint file into an .npz vitnp loads.
+
+Export needs torch + timm; those tests get them through the ``oracle`` fixture (``pytest.importorskip``), so the
+tests of `list` and of the missing-torch error still run where the oracle is not installed.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+import vitnp
+from vitnp.cli import main
+
+TINY = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    return torch, timm
+
+
+def export(capsys, *args):
+    """Run `vitnp export ARGS`: (exit status, stdout, stderr)."""
+    status = main(["export", *map(str, args)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, out, err, *fragments):
+    assert status == 1 and out == ""
+    assert err.startswith("vitnp export: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def timm_logits(torch, model, x):
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def test_list_prints_the_registered_names(capsys):
+    assert main(["list"]) == 0
+    assert capsys.readouterr().out.split() == vitnp.list_models()
+
+
+def test_list_filters_by_pattern(capsys):
+    assert main(["list", "deit_*distilled*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == [n for n in vitnp.list_models() if n.startswith("deit_") and "distilled" in n] and names
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "export" in capsys.readouterr().err
+
+
+def test_export_timm_name_round_trips(oracle, tmp_path, capsys):
+    torch, timm = oracle
+    out = tmp_path / "tiny.npz"
+    torch.manual_seed(0)
+    status, printed, _ = export(capsys, TINY, "-o", out)
+    assert status == 0
+    torch.manual_seed(0)  # timm's random init draws from torch's generator: the same seed gives the same model
+    reference = timm.create_model(TINY, pretrained=False)
+    expected = reference.state_dict()
+    weights = vitnp.load_weights(out)
+    assert list(weights) == list(expected)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(weights[key], tensor.numpy())
+    params = sum(t.numel() for t in expected.values())
+    assert printed == f"wrote {len(expected)} tensors, {params:,} parameters (timm-vit layout) to {out}\n"
+
+    model = vitnp.create_model(TINY, weights=out)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert_close(model(x), timm_logits(torch, reference, x), "model")
+
+
+def test_export_pth_with_model_check_round_trips(oracle, tmp_path, capsys):
+    torch, _ = oracle
+    from timm.models.vision_transformer import VisionTransformer
+
+    reference = VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=5, embed_dim=64, depth=4,
+                                  num_heads=4, mlp_ratio=2.0)  # the config of vitnp's vit_digits_patch4_32
+    checkpoint = tmp_path / "finetuned.pth"
+    torch.save({"model": reference.state_dict(), "epoch": 7}, checkpoint)
+    out = tmp_path / "finetuned"  # export adds the .npz suffix, as np.savez does
+    status, printed, _ = export(capsys, checkpoint, "-o", out, "--model", "vit_digits_patch4_32")
+    assert status == 0 and printed.endswith(f"to {out}.npz\n")
+    model = vitnp.create_model("vit_digits_patch4_32", weights=f"{out}.npz", num_classes=5)
+    x = np.random.default_rng(1).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    assert_close(model(x), timm_logits(torch, reference, x), "model")
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "safetensors"])
+def test_export_checkpoint_layouts(oracle, tmp_path, capsys, wrap):
+    torch, _ = oracle
+    from timm.models.vision_transformer import VisionTransformer
+
+    state_dict = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                   num_classes=3).state_dict()
+    state_dict["head.bias"] = state_dict["head.bias"].bfloat16()  # no NumPy bfloat16: exported as float32
+    if wrap == "safetensors":
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        checkpoint = tmp_path / "model.safetensors"
+        safetensors_torch.save_file(state_dict, checkpoint)
+    else:
+        checkpoint = tmp_path / "model.pt"
+        torch.save(state_dict if wrap == "plain" else {wrap: state_dict, "optimizer": {}}, checkpoint)
+    status, _, _ = export(capsys, checkpoint, "-o", tmp_path / "out.npz")
+    assert status == 0
+    weights = vitnp.load_weights(tmp_path / "out.npz")
+    assert sorted(weights) == sorted(state_dict)  # safetensors stores keys sorted
+    for key, tensor in state_dict.items():
+        np.testing.assert_array_equal(weights[key], tensor.float().numpy())
+    assert weights["head.bias"].dtype == np.float32
+
+
+@pytest.mark.parametrize("hidden", ["torch", "timm"])
+def test_export_without_torch_or_timm_says_what_to_install(monkeypatch, tmp_path, capsys, hidden):
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import torch` now raises ImportError, as when not installed
+    out = tmp_path / "out.npz"
+    assert_one_line_error(*export(capsys, TINY, "-o", out), "pip install torch timm")
+    assert not out.exists()
+
+
+def test_export_errors_are_one_line(oracle, tmp_path, capsys):
+    torch, _ = oracle
+    out = tmp_path / "out.npz"
+    assert_one_line_error(*export(capsys, tmp_path / "missing.pth", "-o", out), "not found", "missing.pth")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(*export(capsys, tmp_path / "notes.txt", "-o", out), "unsupported weights file", ".pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
+    assert_one_line_error(*export(capsys, tmp_path / "garbage.pth", "-o", out), "cannot read", "garbage.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    assert_one_line_error(*export(capsys, tmp_path / "list.pth", "-o", out), "holds no tensors")
+    torch.save({"weight": torch.zeros(2), "step": 3}, tmp_path / "mixed.pth")
+    assert_one_line_error(*export(capsys, tmp_path / "mixed.pth", "-o", out), "layout")
+    assert_one_line_error(*export(capsys, "vit_tiny_patch16_2244", "-o", out), "neither a file nor a timm model",
+                          "did you mean vit_tiny_patch16_224")
+    assert_one_line_error(*export(capsys, tmp_path / "list.pth", "-o", out, "--pretrained"), "--pretrained")
+    assert not out.exists()
+
+
+def test_export_rejects_weights_that_do_not_fit_the_model(oracle, tmp_path, capsys):
+    torch, _ = oracle
+    from timm.models.vision_transformer import VisionTransformer
+
+    small = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    out = tmp_path / "out.npz"
+    assert_one_line_error(*export(capsys, tmp_path / "small.pth", "-o", out, "--model", TINY),
+                          f"do not fit vitnp's {TINY}", "missing keys")
+    assert not out.exists()
+
+
+def test_export_pretrained_unavailable_is_one_line(oracle, monkeypatch, tmp_path, capsys):
+    _, timm = oracle
+
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    out = tmp_path / "out.npz"
+    assert_one_line_error(*export(capsys, TINY, "--pretrained", "-o", out), "pretrained weights", "couldn't connect")
+    assert not out.exists()

@@ -1,0 +1,262 @@
+"""Weight files, state_dict loading and input checks: every failure is a clear error naming the problem, and a failed
+load leaves the model as it was. No torch needed: the files are written with NumPy exactly as the export recipe
+``np.savez(f, **{k: t.numpy() for k, t in model.state_dict().items()})`` writes them."""
+
+import mmap
+import zipfile
+
+import numpy as np
+import pytest
+
+import vitnp
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+NAME = "vit_tiny_patch16_224"
+
+
+def _small_model(seed=0, dtype=np.float32, **overrides):
+    return vitnp.create_model(NAME, seed=seed, dtype=dtype, **{**SMALL, **overrides})
+
+
+def _images(batch=2, dtype=np.float32, size=32, channels=3, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(dtype)
+
+
+def _snapshot(model):
+    return {k: v.copy() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, snapshot):
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for key, value in snapshot.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+        assert state[key].dtype == value.dtype, key
+
+
+@pytest.fixture
+def state():
+    return _small_model(seed=7).state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------- load_weights
+
+
+def test_load_weights_round_trips_savez_as_read_only_memory_maps(tmp_path, state):
+    path = tmp_path / "weights.npz"
+    arrays = {**state, "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)), "scalar": np.float64(2.5)}
+    np.savez(path, **arrays)
+    loaded = vitnp.load_weights(path)
+    assert list(loaded) == list(arrays)
+    for key, value in arrays.items():
+        assert loaded[key].dtype == np.asarray(value).dtype and loaded[key].shape == np.shape(value), key
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    weight = loaded["blocks.0.attn.qkv.weight"]
+    assert not weight.flags.writeable
+    with pytest.raises(ValueError):
+        weight[0, 0] = 1.0
+    bases, base = [], weight
+    while base is not None:
+        bases.append(base)
+        base = getattr(base, "base", None)
+    assert any(isinstance(b, (np.memmap, mmap.mmap)) for b in bases), f"not memory-mapped: {[type(b) for b in bases]}"
+
+
+def test_load_weights_reads_savez_compressed(tmp_path, state):
+    path = tmp_path / "weights.npz"
+    np.savez_compressed(path, **state)
+    with zipfile.ZipFile(path) as archive:
+        assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in archive.infolist())
+    loaded = vitnp.load_weights(str(path))
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_load_weights_of_empty_arrays(tmp_path):
+    path = tmp_path / "empty.npz"
+    np.savez(path, empty=np.zeros((0, 3), np.float32))
+    assert vitnp.load_weights(path)["empty"].shape == (0, 3)
+
+
+def test_truncated_npz_is_a_weights_file_error_naming_the_file(tmp_path, state):
+    path = tmp_path / "cut.npz"
+    np.savez(path, **state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(vitnp.WeightsFileError, match="cut.npz"):
+        vitnp.load_weights(path)
+
+
+def test_member_shorter_than_its_header_is_an_error(tmp_path):
+    """A zip whose .npy member lost its tail (the central directory intact) is caught before mapping."""
+    member = tmp_path / "a.npy"
+    np.save(member, np.arange(100, dtype=np.float32))
+    path = tmp_path / "short.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a.npy", member.read_bytes()[:-40])
+    with pytest.raises(vitnp.WeightsFileError, match="short.npz"):
+        vitnp.load_weights(path)
+
+
+def test_object_array_entry_is_a_weights_file_error(tmp_path, state):
+    path = tmp_path / "objects.npz"
+    np.savez(path, **state, extra=np.array([{"not": "an array"}, None], dtype=object))
+    with pytest.raises(vitnp.WeightsFileError, match="extra") as error:
+        vitnp.load_weights(path)
+    assert "objects.npz" in str(error.value)
+
+
+def test_non_npy_member_is_a_weights_file_error(tmp_path):
+    path = tmp_path / "notes.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "these are not weights")
+    with pytest.raises(vitnp.WeightsFileError, match="readme"):
+        vitnp.load_weights(path)
+
+
+def test_missing_file_and_wrong_extension_are_clear_errors(tmp_path, state):
+    with pytest.raises(vitnp.WeightsFileError, match="not found.*nothere.npz"):
+        vitnp.load_weights(tmp_path / "nothere.npz")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07onnx protobuf")
+    with pytest.raises(vitnp.WeightsFileError, match=r"unsupported.*model\.onnx.*\.npz"):
+        vitnp.load_weights(onnx)
+    renamed = tmp_path / "weights.npz.txt"  # an .npz under another name is not guessed at either
+    np.savez(tmp_path / "weights.npz", **state)
+    (tmp_path / "weights.npz").rename(renamed)
+    with pytest.raises(vitnp.WeightsFileError, match="unsupported"):
+        vitnp.load_weights(renamed)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(vitnp.WeightsFileError, match="garbage.npz"):
+        vitnp.load_weights(garbage)
+    assert issubclass(vitnp.WeightsFileError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------- load_state_dict
+
+
+def test_load_state_dict_lists_every_problem_at_once_and_changes_nothing(state):
+    model = _small_model(seed=1)
+    before = _snapshot(model)
+    broken = dict(state)
+    del broken["head.bias"], broken["blocks.1.norm2.weight"]
+    broken["head.extra"] = np.zeros(3, np.float32)
+    broken["blocks.0.mlp.fc1.weight"] = np.zeros((7, 24), np.float32)
+    with pytest.raises(vitnp.WeightsError) as error:
+        model.load_state_dict(broken)
+    message = str(error.value)
+    for key in ("head.bias", "blocks.1.norm2.weight", "head.extra", "blocks.0.mlp.fc1.weight", "(7, 24)", "(96, 24)"):
+        assert key in message, f"{key} not named in: {message}"
+    assert "missing" in message and "unexpected" in message
+    _assert_same_state(model, before)  # not even the well-formed keys were loaded
+
+
+def test_non_numeric_values_are_rejected_without_loading(state):
+    model = _small_model(seed=1)
+    before = _snapshot(model)
+    broken = {**state, "head.weight": np.full(state["head.weight"].shape, "x")}
+    with pytest.raises(vitnp.WeightsError, match="head.weight"):
+        model.load_state_dict(broken)
+    _assert_same_state(model, before)
+
+
+def test_non_strict_load_returns_missing_and_unexpected(state):
+    model = _small_model(seed=1)
+    before = _snapshot(model)
+    partial = {k: v for k, v in state.items() if not k.startswith("head.")}
+    partial["fc_norm.weight"] = np.ones(24, np.float32)
+    missing, unexpected = model.load_state_dict(partial, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"]
+    assert unexpected == ["fc_norm.weight"]
+    loaded = model.state_dict()
+    np.testing.assert_array_equal(loaded["pos_embed"], state["pos_embed"])
+    np.testing.assert_array_equal(loaded["head.weight"], before["head.weight"])
+    # mis-shaped keys are an error even when not strict
+    with pytest.raises(vitnp.WeightsError, match="pos_embed"):
+        model.load_state_dict({"pos_embed": np.zeros((1, 5, 24), np.float32)}, strict=False)
+
+
+def test_state_dict_round_trip_gives_the_same_outputs(state):
+    source = _small_model(seed=7)
+    target = _small_model(seed=8)
+    x = _images()
+    assert not np.allclose(source(x), target(x))
+    assert target.load_state_dict(source.state_dict()) == ([], [])
+    np.testing.assert_array_equal(target(x), source(x))
+
+
+def test_weights_are_cast_to_the_model_dtype(state):
+    model = _small_model(dtype=np.float64)
+    model.load_state_dict(state)
+    assert all(v.dtype == np.float64 for v in model.state_dict().values())
+    np.testing.assert_array_equal(model.state_dict()["head.weight"], state["head.weight"].astype(np.float64))
+
+
+def test_create_model_with_weights_path_or_dict(tmp_path, state):
+    path = tmp_path / "small.npz"
+    np.savez(path, **state)
+    from_path = vitnp.create_model(NAME, weights=path, **SMALL)
+    from_str = vitnp.create_model(NAME, weights=str(path), **SMALL)
+    from_dict = vitnp.create_model(NAME, weights=state, **SMALL)
+    x = _images()
+    reference = _small_model(seed=7)(x)
+    for model in (from_path, from_str, from_dict):
+        np.testing.assert_array_equal(model(x), reference)
+    with pytest.raises(vitnp.WeightsError, match="pos_embed"):  # weights of another image size
+        vitnp.create_model(NAME, weights=path, **{**SMALL, "img_size": 64})
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _small_model()
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.zeros((3, 32, 32), np.float32), "rank 4"),
+        (np.zeros((1, 1, 3, 32, 32), np.float32), "rank 4"),
+        (np.zeros((1, 1, 32, 32), np.float32), "3 input channels"),
+        (np.zeros((1, 32, 32, 3), np.float32), "3 input channels"),  # NHWC by mistake
+        (np.zeros((1, 3, 64, 64), np.float32), "32x32"),
+        (np.zeros((1, 3, 32, 40), np.float32), "32x40"),
+        (np.zeros((1, 3, 32, 32), np.uint8), "floating-point"),
+        (np.zeros((1, 3, 32, 32), np.int64), "dtype int64"),
+        ([[[[1]]]], "floating-point"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(model, x, message):
+    with pytest.raises(ValueError, match=message):
+        model(x)
+    with pytest.raises(ValueError, match=message):
+        model.forward_features(x)
+
+
+def test_other_float_dtypes_are_cast_to_the_model_dtype(model):
+    x16 = _images(dtype=np.float16)
+    expected = model(x16.astype(np.float32))
+    y16 = model(x16)
+    assert y16.dtype == np.float32
+    np.testing.assert_array_equal(y16, expected)
+    x64 = x16.astype(np.float64)
+    y64 = model(x64)
+    assert y64.dtype == np.float32
+    np.testing.assert_array_equal(y64, expected)
+    model64 = _small_model(dtype=np.float64)
+    assert model64(x16.astype(np.float32)).dtype == np.float64
+
+
+def test_strided_input_gives_the_same_output(model):
+    nhwc = np.ascontiguousarray(_images().transpose(0, 2, 3, 1))
+    x = nhwc.transpose(0, 3, 1, 2)  # an NCHW view of an NHWC buffer
+    np.testing.assert_array_equal(model(x), model(np.ascontiguousarray(x)))
+
+
+def test_nested_list_input_is_accepted(model):
+    x = _images(batch=1)
+    np.testing.assert_array_equal(model(x.tolist()), model(x))

@@ -1,0 +1,357 @@
+"""MobileViT v1: timm's ``ByobNet`` built from the ``mobilevit_xxs / xs / s`` configs, forward only.
+
+A conv stem, MobileNetV2 inverted-residual (MV2) blocks, and in stages 2-4 a MobileViT block: local 3x3 conv, 1x1 to
+the transformer width, the map cut into 2x2 patches and a transformer run across the patches once for each of the 4
+pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). Feature maps are
+NCHW, as timm's.
+
+Parameters carry timm's ``state_dict`` names: ``stem.conv / stem.bn``, ``stages.{s}.{b}.conv1_1x1 / conv2_kxk /
+conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm / conv_proj / conv_fusion``
+(MobileViT block), ``final_conv``, ``head.fc``. Every conv is bias-free and followed by a BatchNorm (eps 1e-5, with
+its running statistics and ``num_batches_tracked`` buffers) and SiLU, except the MV2 projection (no activation) and
+``conv_1x1`` (bare conv).
+
+BatchNorm runs in eval mode. ``fold_bn=True`` folds each BatchNorm into its conv whenever weights are loaded or
+initialised (weights scaled per output channel, the shift becoming a bias): one pass over memory less per conv,
+equal to the unfolded path up to rounding. The state_dict keeps timm's keys and values either way.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels, ops
+from .layers import Block, LayerNorm, Linear
+from .model import Model, Module
+from .preprocess_config import data_cfg
+
+GLOBAL_POOLS = ("avg", "max", "avgmax", "")
+
+# The MobileViT v1 layout, the same for every size: MV2 blocks per stage and the stride of each stage's first block;
+# stages 2, 3 and 4 end with a MobileViT block (timm's ``_mobilevit_block``).
+_MV2_DEPTHS = (1, 3, 1, 1, 1)
+_STAGE_STRIDES = (1, 2, 2, 2, 2)
+_FIRST_TRANSFORMER_STAGE = 2
+
+
+@dataclass(frozen=True)
+class MobileViTConfig:
+    """timm ``ByobNet`` arguments for MobileViT v1 and the architecture of its ``mobilevit_*`` configs.
+
+    The defaults are ``mobilevit_s``. Only ``in_chans``, ``num_classes``, ``global_pool``, ``img_size`` and vitnp's
+    ``fold_bn`` may be overridden by name; the rest is fixed by the registry name, as in timm.
+    """
+
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "avg"
+    img_size: object = (256, 256)  # the nominal size (data config); the network takes any size of at least 1x1
+    stem_chs: int = 16
+    stage_chs: tuple = (32, 64, 96, 128, 160)
+    transformer_dims: tuple = (144, 192, 240)  # stages 2, 3, 4
+    transformer_depths: tuple = (2, 4, 3)
+    bottle_ratio: float = 4.0  # MV2 expansion: mid channels = make_divisible(in_chs * bottle_ratio)
+    num_features: int = 640  # final 1x1 conv width
+    patch_size: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    fold_bn: bool = False  # vitnp: fold each BatchNorm into its conv at load time
+
+
+def make_divisible(value, divisor=8, round_limit=0.9):
+    """timm's ``make_divisible``: ``value`` rounded to the nearest multiple of ``divisor``, never below 90% of it."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
+
+
+class Conv2d(Module):
+    """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)``.
+
+    Padding is timm's symmetric default ((stride - 1) + (kernel_size - 1)) // 2: 1 for 3x3 (stride 1 or 2), 0 for 1x1.
+    A 1x1 conv is one GEMM, a depthwise conv (one channel per group) the Numba kernel, any other im2col + GEMM.
+    """
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1):
+        super().__init__()
+        if in_chs % groups or out_chs % groups:
+            raise ValueError(f"groups={groups} does not divide in_chs={in_chs} and out_chs={out_chs}")
+        self.add_parameter("weight", (out_chs, in_chs // groups, kernel_size, kernel_size), "lecun_normal")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = ((stride - 1) + (kernel_size - 1)) // 2
+        self.groups = groups
+        self.depthwise = groups == in_chs == out_chs
+
+    def __call__(self, x, weight=None):
+        """Convolve with the conv's own weight, or with ``weight`` (a BatchNorm-folded copy of it)."""
+        weight = self.weight if weight is None else weight
+        if self.kernel_size == 1 and self.stride == 1 and self.groups == 1:
+            return ops.conv1x1(x, weight)
+        if self.depthwise:
+            return kernels.depthwise_conv2d(x, weight, self.stride, self.padding)
+        return ops.conv2d(x, weight, None, self.stride, self.padding, self.groups)
+
+
+class BatchNormAct2d(Module):
+    """timm ``BatchNormAct2d`` in eval mode: act((x - running_mean) / sqrt(running_var + eps) * weight + bias).
+
+    Applied as the per-channel affine x * scale + shift (``ops.batch_norm_scale_shift``) fused with the activation.
+    """
+
+    def __init__(self, num_features, act="silu", eps=1e-5):
+        super().__init__()
+        self.add_parameter("weight", (num_features,), "ones")
+        self.add_parameter("bias", (num_features,), "zeros")
+        self.add_buffer("running_mean", (num_features,), "zeros")
+        self.add_buffer("running_var", (num_features,), "ones")
+        self.add_buffer("num_batches_tracked", (), "zeros", dtype=np.int64)
+        self.act = act
+        self.eps = eps
+
+    def __call__(self, x):
+        scale, shift = ops.batch_norm_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+        return kernels.channel_affine(x, scale, shift, self.act, out=x)
+
+
+class ConvNormAct(Module):
+    """timm ``ConvNormAct``: bias-free conv -> BatchNorm -> activation ('silu' or 'none').
+
+    After :meth:`fold` the BatchNorm lives in the conv: conv(x, weight * scale) + shift, then the activation.
+    """
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, act="silu"):
+        super().__init__()
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, groups)
+        self.bn = BatchNormAct2d(out_chs, act)
+        self.folded = None
+
+    def fold(self):
+        """Fold the BatchNorm into the conv, from the current parameters (``ops.fold_batch_norm``)."""
+        bn = self.bn
+        weight, bias = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        self.folded = (weight, np.ones_like(bias), bias)
+
+    def __call__(self, x):
+        if self.folded is None:
+            return self.bn(self.conv(x))
+        weight, ones, bias = self.folded
+        x = self.conv(x, weight)
+        return kernels.channel_affine(x, ones, bias, self.bn.act, out=x)  # folded BN shift as the conv bias, then act
+
+
+class BottleneckBlock(Module):
+    """timm ``BottleneckBlock`` as MobileViT's MV2 (inverted residual) block.
+
+    Expand 1x1 (in -> mid, SiLU), depthwise kxk with the block's stride (SiLU), project 1x1 (mid -> out, no
+    activation), plus the input when stride is 1 and in == out channels (timm builds no shortcut otherwise).
+    """
+
+    def __init__(self, in_chs, out_chs, stride=1, bottle_ratio=4.0, kernel_size=3):
+        super().__init__()
+        mid_chs = make_divisible(in_chs * bottle_ratio)
+        self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1)
+        self.conv2_kxk = ConvNormAct(mid_chs, mid_chs, kernel_size, stride=stride, groups=mid_chs)
+        self.conv3_1x1 = ConvNormAct(mid_chs, out_chs, 1, act="none")
+        self.has_shortcut = stride == 1 and in_chs == out_chs
+
+    def __call__(self, x):
+        shortcut = x
+        x = self.conv1_1x1(x)  # (B, mid, H, W)
+        x = self.conv2_kxk(x)  # (B, mid, H / stride, W / stride)
+        x = self.conv3_1x1(x)  # (B, out, H / stride, W / stride)
+        if self.has_shortcut:
+            x += shortcut
+        return x
+
+
+class MobileVitBlock(Module):
+    """timm ``MobileVitBlock``: local conv, unfold into patches, transformer, fold, project, fuse with the input."""
+
+    def __init__(self, chs, transformer_dim, transformer_depth, patch_size=2, num_heads=4, mlp_ratio=2.0):
+        super().__init__()
+        self.conv_kxk = ConvNormAct(chs, chs, 3)
+        self.conv_1x1 = Conv2d(chs, transformer_dim, 1)
+        self.transformer = Module()
+        for j in range(transformer_depth):
+            block = Block(transformer_dim, num_heads, mlp_ratio, qkv_bias=True, eps=1e-5, act="silu")
+            setattr(self.transformer, str(j), block)
+        self.norm = LayerNorm(transformer_dim, 1e-5)
+        self.conv_proj = ConvNormAct(transformer_dim, chs, 1)
+        self.conv_fusion = ConvNormAct(2 * chs, chs, 3)
+        self.patch_size = patch_size
+        self.transformer_blocks = [getattr(self.transformer, str(j)) for j in range(transformer_depth)]
+
+    def __call__(self, x):
+        shortcut = x
+        x = self.conv_kxk(x)  # (B, C, H, W): local representation
+        x = self.conv_1x1(x)  # (B, d, H, W)
+
+        p = self.patch_size
+        B, d, H, W = x.shape
+        new_h, new_w = -(-H // p) * p, -(-W // p) * p
+        resized = (new_h, new_w) != (H, W)
+        if resized:  # timm resizes a map that is not whole patches (padding would need masking in attention)
+            x = ops.resize_bilinear(x, (new_h, new_w))
+        nh, nw = new_h // p, new_w // p
+        # Unfold: token n = i*nw + j of sequence b*P + ph*p + pw is pixel (i*p + ph, j*p + pw) of image b, so each of
+        # the P = p*p sequences of an image holds one pixel position of every patch.
+        x = x.reshape(B, d, nh, p, nw, p).transpose(0, 3, 5, 2, 4, 1)  # (B, ph, pw, nh, nw, d)
+        x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
+
+        for block in self.transformer_blocks:  # global representation
+            x = block(x)
+        x = self.norm(x)
+
+        x = x.reshape(B, p, p, nh, nw, d).transpose(0, 5, 3, 1, 4, 2)  # (B, d, nh, ph, nw, pw): fold
+        x = x.reshape(B, d, new_h, new_w)
+        if resized:
+            x = ops.resize_bilinear(x, (H, W))
+
+        x = self.conv_proj(x)  # (B, C, H, W)
+        return self.conv_fusion(np.concatenate([shortcut, x], axis=1))  # (B, 2C, H, W) -> (B, C, H, W)
+
+
+class MobileViT(Model):
+    """timm ``ByobNet`` with a MobileViT v1 config (``mobilevit_xxs / xs / s``).
+
+    ``model(x)`` maps (B, C, H, W) images with pixels in [0, 1] (no mean / std) to (B, num_classes) logits, or
+    (B, num_features) when num_classes is 0; ``forward_features`` gives the final conv's map (B, num_features, h, w),
+    h = W / 32 rounded up at each stride-2 conv. Any image size of at least 1x1 is accepted, as by timm.
+    """
+
+    Config = MobileViTConfig
+    fixed_by_name = (
+        "stem_chs",
+        "stage_chs",
+        "transformer_dims",
+        "transformer_depths",
+        "bottle_ratio",
+        "num_features",
+        "patch_size",
+        "num_heads",
+        "mlp_ratio",
+    )
+
+    def __init__(self, cfg: MobileViTConfig):
+        super().__init__()
+        if cfg.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
+        if cfg.global_pool == "" and cfg.num_classes:
+            raise ValueError("global_pool='' keeps the (B, C, h, w) map, which has no classifier: set num_classes=0")
+        num_transformer_stages = len(_MV2_DEPTHS) - _FIRST_TRANSFORMER_STAGE
+        if len(cfg.stage_chs) != len(_MV2_DEPTHS):
+            raise ValueError(f"stage_chs needs {len(_MV2_DEPTHS)} entries, got {cfg.stage_chs}")
+        if len(cfg.transformer_dims) != num_transformer_stages or len(cfg.transformer_depths) != num_transformer_stages:
+            raise ValueError(f"transformer_dims and transformer_depths need {num_transformer_stages} entries each")
+        for dim in cfg.transformer_dims:
+            if dim % cfg.num_heads:
+                raise ValueError(f"transformer dim {dim} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.img_size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        self.in_chans = cfg.in_chans
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.num_features
+
+        self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2)
+        self.stages = Module()
+        self.block_list = []
+        in_chs = cfg.stem_chs
+        for s, (chs, depth, stride) in enumerate(zip(cfg.stage_chs, _MV2_DEPTHS, _STAGE_STRIDES)):
+            stage = Module()
+            for b in range(depth):
+                setattr(stage, str(b), BottleneckBlock(in_chs, chs, stride if b == 0 else 1, cfg.bottle_ratio))
+                in_chs = chs
+            if s >= _FIRST_TRANSFORMER_STAGE:
+                t = s - _FIRST_TRANSFORMER_STAGE
+                block = MobileVitBlock(
+                    chs, cfg.transformer_dims[t], cfg.transformer_depths[t], cfg.patch_size, cfg.num_heads, cfg.mlp_ratio
+                )
+                setattr(stage, str(depth), block)
+            setattr(self.stages, str(s), stage)
+            self.block_list += list(stage._modules.values())
+        self.final_conv = ConvNormAct(in_chs, cfg.num_features, 1)
+        self.head = Module()
+        if cfg.num_classes:
+            self.head.fc = Linear(cfg.num_features, cfg.num_classes)
+
+    def check_image_size(self, height, width):
+        if height < 1 or width < 1:
+            raise ValueError(f"expected images of at least 1x1 pixels, got {height}x{width}")
+
+    def fold_batch_norms(self):
+        """Fold every BatchNorm into its conv from the current parameters (done at load when ``fold_bn``)."""
+        for _, module in self.named_modules():
+            if isinstance(module, ConvNormAct):
+                module.fold()
+
+    def init_weights(self, seed=0, dtype=np.float32):
+        super().init_weights(seed=seed, dtype=dtype)
+        if self.cfg.fold_bn:
+            self.fold_batch_norms()
+
+    def load_state_dict(self, state_dict, strict=True):
+        result = super().load_state_dict(state_dict, strict=strict)
+        if self.cfg.fold_bn:
+            self.fold_batch_norms()
+        return result
+
+    def forward_features(self, x):
+        """(B, C, H, W) -> (B, num_features, h, w): stem, MV2 and MobileViT blocks, final 1x1 conv."""
+        x = self.check_input(x)
+        x = self.stem(x)  # (B, stem_chs, H / 2, W / 2)
+        for block in self.block_list:
+            x = block(x)
+        return self.final_conv(x)
+
+    def forward_head(self, x, pre_logits=False):
+        """Global pool over (h, w) and the classifier ``head.fc``; ``pre_logits=True`` stops after the pool."""
+        pool = self.cfg.global_pool
+        if pool == "avg":
+            x = x.mean(axis=(2, 3))
+        elif pool == "max":
+            x = x.max(axis=(2, 3))
+        elif pool == "avgmax":
+            x = 0.5 * (x.mean(axis=(2, 3)) + x.max(axis=(2, 3)))
+        if pre_logits or not self.num_classes:
+            return x
+        return self.head.fc(x)
+
+
+_MOBILEVIT = data_cfg(256, crop_pct=0.9, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixels in [0, 1], bicubic
+
+# name -> (architecture, timm pretrained_cfg of the default tag .cvnets_in1k), checked against timm 1.0.31
+MODELS = {
+    "mobilevit_xxs": (
+        dict(
+            stem_chs=16,
+            stage_chs=(16, 24, 48, 64, 80),
+            transformer_dims=(64, 80, 96),
+            transformer_depths=(2, 4, 3),
+            bottle_ratio=2.0,
+            num_features=320,
+        ),
+        _MOBILEVIT,
+    ),
+    "mobilevit_xs": (
+        dict(
+            stem_chs=16,
+            stage_chs=(32, 48, 64, 80, 96),
+            transformer_dims=(96, 120, 144),
+            transformer_depths=(2, 4, 3),
+            bottle_ratio=4.0,
+            num_features=384,
+        ),
+        _MOBILEVIT,
+    ),
+    "mobilevit_s": (
+        dict(
+            stem_chs=16,
+            stage_chs=(32, 64, 96, 128, 160),
+            transformer_dims=(144, 192, 240),
+            transformer_depths=(2, 4, 3),
+            bottle_ratio=4.0,
+            num_features=640,
+        ),
+        _MOBILEVIT,
+    ),
+}
