@@ -1,7 +1,7 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
 from .model import WeightsError, count_params
-from .preprocess import load_image, normalize
+from .preprocess import load_image, normalize, preprocess
 from .registry import create_model, data_config, list_models
 from .weights import WeightsFileError, load_weights
 
@@ -17,4 +17,5 @@ __all__ = [
     "load_image",
     "load_weights",
     "normalize",
+    "preprocess",
 ]

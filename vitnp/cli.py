@@ -153,6 +153,157 @@ def run_inspect(args):
     return 0
 
 
+# ---- vitnp predict ------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser, weights_required=True):
+    parser.add_argument("--model", required=True, metavar="NAME", help="a registered model name (vitnp list)")
+    parser.add_argument("--weights", required=weights_required, metavar="FILE",
+                        help="weights file or Hugging Face folder, in any layout vitnp reads")
+
+
+def add_predict_arguments(parser):
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    add_model_arguments(parser)
+    parser.add_argument("--topk", type=int, default=5, help="how many classes per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("-o", "--out", metavar="OUT",
+                        help="write the results to a .csv or a .jsonl file (default: print them)")
+
+
+def run_predict(args):
+    """Top-k classes of each image; unreadable files are reported and skipped; exit 1 when any was."""
+    import json
+
+    from .predict import expand_inputs, predict_files
+    from .registry import create_model
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise CommandError("--topk and --batch-size must be at least 1")
+    out_format = None
+    if args.out:
+        out_format = os.path.splitext(args.out)[1].lower()
+        if out_format not in (".csv", ".jsonl", ".json"):
+            raise CommandError(f"--out must end in .csv or .jsonl, got {args.out}")
+    paths = expand_inputs(args.images)
+    if not paths:
+        raise CommandError("no image files found in " + " ".join(args.images))
+    model = create_model(args.model, weights=args.weights)
+    failed = 0
+    results = []
+    progress = Progress(len(paths)) if args.out else None
+    for result in predict_files(model, paths, topk=args.topk, batch_size=args.batch_size):
+        if "error" in result:
+            failed += 1
+            print(f"vitnp predict: skipped {result['path']}: {result['error']}", file=sys.stderr)
+        elif not args.out:
+            tops = ", ".join(f"{label} {p:.4f}" for _, label, p in result["top"])
+            print(f"{result['path']}: {tops}")
+        results.append(result)
+        if progress:
+            progress.step()
+    if args.out:
+        with open(args.out, "w", newline="", encoding="utf-8") as f:
+            if out_format == ".csv":
+                import csv
+
+                writer = csv.writer(f)
+                writer.writerow(["path", "rank", "class_index", "label", "probability", "error"])
+                for r in results:
+                    for rank, (index, label, p) in enumerate(r.get("top", []), 1):
+                        writer.writerow([r["path"], rank, index, label, f"{p:.6g}", ""])
+                    if "error" in r:
+                        writer.writerow([r["path"], "", "", "", "", r["error"]])
+            else:
+                for r in results:
+                    record = {"path": r["path"]}
+                    if "error" in r:
+                        record["error"] = r["error"]
+                    else:
+                        record["top"] = [{"class_index": i, "label": label, "probability": p} for i, label, p in r["top"]]
+                    f.write(json.dumps(record) + "\n")
+        print(f"wrote {len(results) - failed} predictions to {args.out}" + (f" ({failed} unreadable)" if failed else ""))
+    return 1 if failed else 0
+
+
+class Progress:
+    """A one-line text progress bar on stderr: ``[#####.....] 5/10``."""
+
+    def __init__(self, total, width=30):
+        self.total, self.width, self.done = total, width, 0
+
+    def step(self):
+        self.done += 1
+        filled = self.width * self.done // self.total
+        end = "\n" if self.done == self.total else ""
+        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}", end=end, file=sys.stderr)
+
+
+# ---- vitnp verify -------------------------------------------------------------------------------------------------
+
+
+def add_verify_arguments(parser):
+    add_model_arguments(parser, weights_required=False)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reference", metavar="REF.npz",
+                        help="arrays exported from another implementation, named as forward_trace names them, and "
+                             "the input under 'input' (B, C, H, W)")
+    source.add_argument("--torch", action="store_true",
+                        help="run timm's model of the same name with the same weights in this process (needs torch + "
+                             "timm) on a random input")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--image-size", type=int, metavar="N", help="with --torch: the input size (default: the model's)")
+
+
+def run_verify(args):
+    """Per-layer max abs / relative error against a reference; exit 1 when any layer breaks the tolerance."""
+    import numpy as np
+
+    from .registry import create_model
+    from .verify import compare_traces, format_table, read_reference, torch_reference
+
+    model = create_model(args.model, weights=args.weights, dtype=np.dtype(args.dtype))
+    if args.torch:
+        x, reference = torch_reference(model, args.image_size)
+    else:
+        x, reference = read_reference(args.reference)
+    rows = compare_traces(model.forward_trace(x), reference, model.dtype)
+    print(format_table(rows))
+    failing = [row for row in rows if not row["ok"]]
+    if failing:
+        print(f"FAIL: first layer out of tolerance: {failing[0]['name']} ({len(failing)} of {len(rows)} layers fail)")
+        return 1
+    print(f"OK: {len(rows)} layers within tolerance")
+    return 0
+
+
+# ---- vitnp attention ----------------------------------------------------------------------------------------------
+
+
+def add_attention_arguments(parser):
+    parser.add_argument("image", metavar="IMAGE")
+    add_model_arguments(parser, weights_required=False)
+    parser.add_argument("-o", "--out", required=True, metavar="OUT.png")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="resize the image to N x N first, as DINO's visualize_attention (default: the model's "
+                             "eval preprocessing)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="T",
+                        help="DINO's mask: keep the patches holding the top T of each head's attention mass (e.g. 0.6)")
+    parser.add_argument("--rollout", action="store_true",
+                        help="attention rollout over all blocks (Abnar & Zuidema) instead of the last block's attention")
+
+
+def run_attention(args):
+    from .attention_map import attention_figure
+    from .registry import create_model
+
+    model = create_model(args.model, weights=args.weights)
+    attention_figure(model, args.image, args.out, image_size=args.image_size, threshold=args.threshold,
+                     rollout=args.rollout)
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ---- the command --------------------------------------------------------------------------------------------------
 
 # name -> (help, add_arguments(parser) or None, run(args) -> exit status)
@@ -163,6 +314,12 @@ COMMANDS = {
                add_export_arguments, run_export),
     "inspect": ("tell a checkpoint's layout, architecture, parameter count and dtypes (no torch needed for "
                 ".npz / .safetensors / HF safetensors folders)", add_inspect_arguments, run_inspect),
+    "predict": ("top-k ImageNet (or the checkpoint's) classes of images, folders or globs; CSV / JSON lines output",
+                add_predict_arguments, run_predict),
+    "verify": ("compare every named intermediate (forward_trace) with another implementation's arrays or with timm",
+               add_verify_arguments, run_verify),
+    "attention": ("draw the class token's attention per head (DINO / ViT / DeiT) as a PNG grid",
+                  add_attention_arguments, run_attention),
 }
 
 

@@ -433,7 +433,7 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, out=None):
     x = np.ascontiguousarray(x)
     B, C, H, W = x.shape
     if weight.shape[0] != C or weight.shape[1] != 1:
-        raise ValueError(f"depthwise_conv2d: weight {weight.shape} does not fit {C} channels (expected ({C}, 1, kh, kw))")
+        raise ValueError(f"depthwise_conv2d: weight {weight.shape} does not fit {C} channels: expected ({C}, 1, kh, kw)")
     kh, kw = weight.shape[2], weight.shape[3]
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     if Ho < 1 or Wo < 1:

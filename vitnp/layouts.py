@@ -162,6 +162,8 @@ def from_raw(state_dict, hf_config=None, saved_config=None):
     layout = find_layout(state_dict)
     converted = layout.convert(state_dict)
     config = layout.config(converted) if layout.config else {}
+    if any("'teacher'" in note or "'student'" in note or "'backbone.'" in note for note in notes):
+        config["pos_embed_resample"] = "dino"  # a DINO training checkpoint: DINO's +0.1 resampler at other sizes
     labels = None
     if hf_config is not None:
         config.update(hf_config_arguments(layout, hf_config))
@@ -488,8 +490,9 @@ def _hf_vit(state_dict):
 
 
 def _hf_vit_config(state_dict):
-    """As for timm names, with Hugging Face ViT's LayerNorm eps (1e-12) unless a config.json says otherwise."""
-    return {**_vit_config(state_dict), "norm_eps": 1e-12}
+    """As for timm names, with Hugging Face ViT's LayerNorm eps (1e-12) unless a config.json says otherwise, and
+    its size-based bicubic position-embedding resampler (``interpolate_pos_encoding``)."""
+    return {**_vit_config(state_dict), "norm_eps": 1e-12, "pos_embed_resample": "hf"}
 
 
 register(Layout(

@@ -128,7 +128,8 @@ class ConvNormAct(Module):
     def fold(self):
         """Fold the BatchNorm into the conv, from the current parameters (``ops.fold_batch_norm``)."""
         bn = self.bn
-        weight, bias = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        stats = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        weight, bias = ops.fold_batch_norm(self.conv.weight, *stats)
         self.folded = (weight, np.ones_like(bias), bias)
 
     def __call__(self, x):
@@ -263,9 +264,8 @@ class MobileViT(Model):
                 in_chs = chs
             if s >= _FIRST_TRANSFORMER_STAGE:
                 t = s - _FIRST_TRANSFORMER_STAGE
-                block = MobileVitBlock(
-                    chs, cfg.transformer_dims[t], cfg.transformer_depths[t], cfg.patch_size, cfg.num_heads, cfg.mlp_ratio
-                )
+                dim, layers = cfg.transformer_dims[t], cfg.transformer_depths[t]
+                block = MobileVitBlock(chs, dim, layers, cfg.patch_size, cfg.num_heads, cfg.mlp_ratio)
                 setattr(stage, str(depth), block)
             setattr(self.stages, str(s), stage)
             self.block_list += list(stage._modules.values())

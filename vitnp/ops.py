@@ -163,8 +163,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1):
 
     out[b, o, i, j] = bias[o] + sum_{c, u, v} weight[o, c, u, v] * xp[b, g*Cg + c, i*stride + u, j*stride + v] with
     xp the input zero-padded by ``padding`` on every side, Cg = C / groups input channels per group and g = o // (O /
-    groups) the group of output channel o. The windows are a strided view of xp, copied once into a column matrix
-    (groups, Cg*kh*kw, B*Ho*Wo) whose rows follow the weight's (c, u, v) order: then one GEMM per group.
+    groups) the group of output channel o. The windows are a strided view of xp, copied once into column matrices
+    (B, groups, Cg*kh*kw, Ho*Wo) whose rows follow the weight's (c, u, v) order: then one GEMM per image and group,
+    whose (B, groups, O / groups, Ho*Wo) result is already NCHW.
     """
     B, C, H, W = x.shape
     O, Cg, kh, kw = weight.shape
@@ -176,14 +177,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1):
     xp = _pad_hw(x, padding)
     sb, sc, sh, sw = xp.strides
     windows = as_strided(
-        xp, shape=(C, kh, kw, B, Ho, Wo), strides=(sc, sh, sw, sb, sh * stride, sw * stride), writeable=False
+        xp, shape=(B, C, kh, kw, Ho, Wo), strides=(sb, sc, sh, sw, sh * stride, sw * stride), writeable=False
     )
-    cols = windows.reshape(groups, Cg * kh * kw, B * Ho * Wo)
-    out = weight.reshape(groups, O // groups, Cg * kh * kw) @ cols  # (groups, O / groups, B*Ho*Wo)
-    out = out.reshape(O, B, Ho, Wo).transpose(1, 0, 2, 3)  # (B, O, Ho, Wo)
+    cols = windows.reshape(B, groups, Cg * kh * kw, Ho * Wo)
+    out = weight.reshape(groups, O // groups, Cg * kh * kw) @ cols  # (B, groups, O / groups, Ho*Wo)
+    out = out.reshape(B, O, Ho, Wo)
     if bias is not None:
-        out = out + bias[:, None, None]
-    return np.ascontiguousarray(out)
+        out += bias[:, None, None]
+    return out
 
 
 def conv1x1(x, weight, bias=None):
@@ -289,3 +290,91 @@ def resize_bilinear(x, size):
     m_h = bilinear_matrix(H, size[0]).astype(x.dtype)
     m_w = bilinear_matrix(W, size[1]).astype(x.dtype)
     return m_h @ x @ m_w.T  # (B, C, size[0], size[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Position-embedding resampling: the 1-D weight matrices of torch's bicubic interpolation (the three variants timm,
+# DINO and Hugging Face use), applied separably to the (D, gh, gw) grid of a position embedding
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cubic_weight(x, A):
+    """Keys' cubic convolution kernel with parameter A (torch's bicubic: A = -0.75; PIL / antialias: A = -0.5)."""
+    x = abs(x)
+    if x <= 1:
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+    if x < 2:
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+    return 0.0
+
+
+def bicubic_matrix(n_in, n_out, align_corners=False, scale_factor=None, A=-0.75):
+    """(n_out, n_in) weights of ``F.interpolate(mode='bicubic', antialias=False)`` along one axis.
+
+    Output i reads the input at src = (i + 0.5) / scale - 0.5 (align_corners=False; scale = n_out / n_in, or the
+    given ``scale_factor``, which torch uses as is: DINO's +0.1) or src = i (n_in - 1) / (n_out - 1)
+    (align_corners=True), and mixes the four taps floor(src) - 1 .. floor(src) + 2, clamped to the border, with
+    the cubic kernel's weights at their distances to src.
+    """
+    if align_corners:
+        step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    else:
+        step = 1.0 / scale_factor if scale_factor else n_in / n_out
+    matrix = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = i * step if align_corners else (i + 0.5) * step - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        for k, distance in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
+            matrix[i, min(max(x0 + k, 0), n_in - 1)] += cubic_weight(distance, A)
+    return matrix
+
+
+def aa_bicubic_matrix(n_in, n_out, A=-0.5):
+    """(n_out, n_in) weights of ``F.interpolate(mode='bicubic', antialias=True, align_corners=False)`` on one axis.
+
+    PIL's resampling filter: output i is centred at c = (i + 0.5) n_in / n_out; the cubic kernel (A = -0.5) is
+    stretched by the scale when shrinking (support 2 * max(scale, 1)), and the weights of the taps inside the image
+    are divided by their sum (a window cut by the border is renormalised).
+    """
+    scale = n_in / n_out
+    support = 2.0 * max(scale, 1.0)
+    stretch = 1.0 / scale if scale >= 1.0 else 1.0
+    matrix = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = scale * (i + 0.5)
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), n_in)
+        weights = np.array([cubic_weight((j + 0.5 - centre) * stretch, A) for j in range(lo, hi)])
+        matrix[i, lo:hi] = weights / weights.sum()
+    return matrix
+
+
+POS_EMBED_RESAMPLERS = ("timm", "dino", "hf")
+
+
+def resample_pos_embed(grid, new_size, method="timm"):
+    """Resample a (D, gh, gw) position-embedding grid to (D, *new_size): out = M_h @ grid @ M_w^T per channel.
+
+    ``method`` is the resampler of the weights' origin:
+
+    - 'timm' (``timm.layers.resample_abs_pos_embed``): ``F.interpolate(grid.float(), size=new_size,
+      mode='bicubic', antialias=True)``, computed in float32 whatever the model's dtype, then cast back;
+    - 'dino' (DINO's ``interpolate_pos_encoding``): ``F.interpolate(grid, scale_factor=((gh' + 0.1) / gh,
+      (gw' + 0.1) / gw), mode='bicubic')`` — the +0.1 moves the sampling positions, not only the size;
+    - 'hf' (Hugging Face ``ViTEmbeddings.interpolate_pos_encoding``): ``F.interpolate(grid, size=new_size,
+      mode='bicubic')``.
+    """
+    (gh, gw), (nh, nw) = grid.shape[-2:], new_size
+    if method == "timm":
+        m_h, m_w, dtype = aa_bicubic_matrix(gh, nh), aa_bicubic_matrix(gw, nw), np.float32
+    elif method == "dino":
+        m_h = bicubic_matrix(gh, nh, scale_factor=(nh + 0.1) / gh)
+        m_w = bicubic_matrix(gw, nw, scale_factor=(nw + 0.1) / gw)
+        dtype = grid.dtype
+    elif method == "hf":
+        m_h, m_w, dtype = bicubic_matrix(gh, nh), bicubic_matrix(gw, nw), grid.dtype
+    else:
+        raise ValueError(f"pos-embed resampler must be one of {POS_EMBED_RESAMPLERS}, got {method!r}")
+    resampled = m_h.astype(dtype) @ grid.astype(dtype) @ m_w.T.astype(dtype)  # (D, nh, nw)
+    return resampled.astype(grid.dtype)

@@ -16,6 +16,7 @@ from . import layouts, mobilevit, notes_vit, swin, vit
 # Each family module holds its own table {name: (architecture kwargs, preprocessing config)}.
 _FAMILIES = [
     (vit.VisionTransformer, vit.MODELS),
+    (vit.VisionTransformer, vit.DINO_MODELS),
     (swin.SwinTransformer, swin.MODELS),
     (mobilevit.MobileViT, mobilevit.MODELS),
     *notes_vit.FAMILIES,  # the notes' hand-built ViTs (seeds 000, 003) and lucidrains vit_pytorch.ViT
@@ -81,6 +82,7 @@ def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0,
     model.name = name
     model.data_config = data_cfg
     model.labels = checkpoint.labels if checkpoint else None
+    model.weights_origin = checkpoint.layout.name if checkpoint else None  # e.g. 'timm-vit', 'hf-vit'
     if checkpoint is not None:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     return model

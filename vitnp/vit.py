@@ -37,6 +37,7 @@ class ViTConfig:
     distilled: bool = False  # DeiT: a distillation token and a second head, outputs averaged at inference
     norm_eps: float = 1e-6
     act: str = "gelu"
+    pos_embed_resample: str = "timm"  # resampler for other input sizes: 'timm', 'dino' or 'hf' (ops.resample_pos_embed)
 
 
 class VisionTransformer(Model):
@@ -57,6 +58,10 @@ class VisionTransformer(Model):
             raise ValueError("global_pool='token' needs class_token=True")
         if cfg.distilled and (cfg.global_pool != "token" or not cfg.class_token):
             raise ValueError("a distilled (DeiT) model pools its class and distillation tokens: global_pool='token'")
+        if cfg.pos_embed_resample not in ops.POS_EMBED_RESAMPLERS:
+            raise ValueError(
+                f"pos_embed_resample must be one of {ops.POS_EMBED_RESAMPLERS}, got {cfg.pos_embed_resample!r}"
+            )
         if cfg.distilled and cfg.representation_size:
             raise ValueError("a distilled (DeiT) model has no representation (pre-logits) layer: drop representation_size")
         img_size = _pair(cfg.img_size)
@@ -99,7 +104,39 @@ class VisionTransformer(Model):
     def block_list(self):
         return [getattr(self.blocks, str(i)) for i in range(self.cfg.depth)]
 
-    def _pos_embed(self, x):
+    def check_image_size(self, height, width):
+        if height < self.patch_size or width < self.patch_size:
+            raise ValueError(f"images must be at least one patch ({self.patch_size}x{self.patch_size}), got {height}x{width}")
+
+    def pos_embed_for(self, height, width):
+        """The position embedding for a height x width image, (1, prefix + gh*gw, D), gh, gw = height // p, width // p.
+
+        The stored embedding is resampled to the new grid (prefix positions untouched) by the resampler of the
+        weights' origin (``cfg.pos_embed_resample``) with that codebase's early-out: timm and Hugging Face keep the
+        stored one when the grid is the trained one; DINO only when the grid is and the image is square.
+        """
+        grid = (height // self.patch_size, width // self.patch_size)
+        method = self.cfg.pos_embed_resample
+        if grid == self.grid_size and (method != "dino" or height == width):
+            return self.pos_embed
+        prefix, patches = self.pos_embed[:, : self.num_prefix_tokens], self.pos_embed[0, self.num_prefix_tokens :]
+        D = patches.shape[-1]
+        patches = patches.T.reshape(D, *self.grid_size)  # (D, gh, gw)
+        patches = ops.resample_pos_embed(patches, grid, method)  # (D, gh', gw')
+        return np.concatenate([prefix, patches.reshape(D, -1).T[None]], axis=1)  # (1, prefix + gh'*gw', D)
+
+    def prepare_tokens(self, x):
+        """(B, C, H, W) -> (B, prefix + N, D): patch embedding, prefix tokens, position embedding (DINO's name).
+
+        Any image of at least one patch: the rows and columns past the last whole patch are left out (as the stride-p
+        convolution does) and the position embedding is resampled to the grid (:meth:`pos_embed_for`).
+        """
+        x = self.check_input(x)
+        height, width = x.shape[-2:]
+        x = self.patch_embed(x)  # (B, N, D)
+        return self._pos_embed(x, self.pos_embed_for(height, width))  # (B, prefix + N, D)
+
+    def _pos_embed(self, x, pos_embed):
         """Prepend the prefix tokens [cls, dist] and add the position embedding: (B, N, D) -> (B, prefix + N, D)."""
         B, N, D = x.shape
         prefix = []
@@ -108,13 +145,11 @@ class VisionTransformer(Model):
         if self.cfg.distilled:
             prefix.append(np.broadcast_to(self.dist_token, (B, 1, D)))
         x = np.concatenate(prefix + [x], axis=1) if prefix else x  # (B, prefix + N, D)
-        return x + self.pos_embed
+        return x + pos_embed
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, prefix + N, D): patch embedding, position embedding, blocks, final norm."""
-        x = self.check_input(x)
-        x = self.patch_embed(x)  # (B, N, D)
-        x = self._pos_embed(x)  # (B, prefix + N, D)
+        x = self.prepare_tokens(x)  # (B, prefix + N, D)
         for block in self.block_list:
             x = block(x)
         return self.norm(x)
@@ -148,6 +183,91 @@ class VisionTransformer(Model):
         if pre_logits or not self.num_classes:
             return x
         return self.head(x)
+
+    # ---- reading inside: DINO's and timm's intermediate outputs, every named step ---------------------------------
+
+    def get_last_selfattention(self, x):
+        """DINO's ``get_last_selfattention``: softmax(q k^T * scale) of the last block, (B, heads, N, N).
+
+        Tokens through every block but the last, then the last block's attention probabilities on norm1(x); each
+        row sums to one over the keys. Any input size (:meth:`prepare_tokens`).
+        """
+        x = self.prepare_tokens(x)
+        *first, last = self.block_list
+        for block in first:
+            x = block(x)
+        attn, _ = last.attn.attention_probs(last.norm1(x))  # (B, heads, N, N)
+        return attn
+
+    def get_intermediate_layers(self, x, n=1):
+        """DINO's ``get_intermediate_layers``: the outputs of the last ``n`` blocks, each through the final norm,
+        prefix (class) tokens kept: a list of n arrays (B, prefix + N, D), oldest first."""
+        if not 1 <= n <= self.cfg.depth:
+            raise ValueError(f"n must be between 1 and depth ({self.cfg.depth}), got {n}")
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.block_list):
+            x = block(x)
+            if self.cfg.depth - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def forward_intermediates(self, x, indices=None, norm=False, return_prefix_tokens=False, output_fmt="NCHW"):
+        """timm's ``forward_intermediates``: ``(final features, [block outputs])``.
+
+        ``indices``: an int n takes the last n blocks, a list takes those block indices (negative from the end),
+        None all. Each block output optionally goes through the final norm, loses its prefix tokens and becomes a
+        (B, D, gh, gw) map ('NCHW') or stays (B, N, D) ('NLC'); with ``return_prefix_tokens`` each entry is a pair
+        (map, prefix tokens (B, prefix, D)). The final features are norm(x) of the last block, (B, prefix + N, D).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = self.cfg.depth
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        if not take or any(not 0 <= i < depth for i in take):
+            raise ValueError(f"indices {indices!r} do not name blocks of a depth-{depth} model")
+        gh, gw = np.asarray(x).shape[-2] // self.patch_size, np.asarray(x).shape[-1] // self.patch_size
+        x = self.prepare_tokens(x)
+        intermediates = []
+        for i, block in enumerate(self.block_list):
+            x = block(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, patches = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    B, _, D = patches.shape
+                    patches = patches.reshape(B, gh, gw, D).transpose(0, 3, 1, 2)  # (B, D, gh, gw)
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        return self.norm(x), intermediates
+
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names: 'patch_embed' (B, N, D); 'pos_embed' (tokens with prefix and position embedding); per block i
+        'blocks.{i}.attn' and 'blocks.{i}.mlp' (the residual branches' outputs, before the addition) and
+        'blocks.{i}' (the block output); 'norm' (forward_features); 'pre_logits' (pooled, fc_norm / representation
+        layer applied); 'logits' (only with a head). Same steps as ``forward_features`` + ``forward_head``.
+        """
+        x = self.check_input(x)
+        trace = {}
+        height, width = x.shape[-2:]
+        x = trace["patch_embed"] = self.patch_embed(x)  # (B, N, D)
+        x = trace["pos_embed"] = self._pos_embed(x, self.pos_embed_for(height, width))  # (B, prefix + N, D)
+        for i, block in enumerate(self.block_list):
+            attn = trace[f"blocks.{i}.attn"] = block.attn(block.norm1(x))
+            x = x + attn
+            mlp = trace[f"blocks.{i}.mlp"] = block.mlp(block.norm2(x))
+            x = trace[f"blocks.{i}"] = x + mlp
+        x = trace["norm"] = self.norm(x)
+        trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
 
 
 def _pair(size):
@@ -185,4 +305,14 @@ MODELS = {
         dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
         data_cfg(32, crop_pct=1.0, mean=(0.5,), std=(0.5,), interpolation="bilinear", in_chans=1),
     ),
+}
+
+# DINO backbones (facebookresearch/dino hubconf names, seed 001; not timm names): timm's ViT without a head, DINO's
+# +0.1 bicubic position-embedding resampler; preprocessing of timm's '.dino' tags
+DINO_MODELS = {
+    "dino_vit_tiny": (dict(patch_size=16, num_classes=0, pos_embed_resample="dino", **_SIZES["tiny"]), _DEIT),
+    "dino_vits16": (dict(patch_size=16, num_classes=0, pos_embed_resample="dino", **_SIZES["small"]), _DEIT),
+    "dino_vits8": (dict(patch_size=8, num_classes=0, pos_embed_resample="dino", **_SIZES["small"]), _DEIT),
+    "dino_vitb16": (dict(patch_size=16, num_classes=0, pos_embed_resample="dino", **_SIZES["base"]), _DEIT),
+    "dino_vitb8": (dict(patch_size=8, num_classes=0, pos_embed_resample="dino", **_SIZES["base"]), _DEIT),
 }

@@ -1,0 +1,83 @@
+"""Classify image files: preprocessing, batched forward, softmax, top-k with class names.
+
+Class names: the checkpoint's own (a Hugging Face ``id2label``, an export's ``labels``), else the ImageNet-1k names
+shipped with vitnp for 1000-class heads, else ``class <index>``.
+"""
+
+import glob
+import os
+from importlib import resources
+
+import numpy as np
+
+from . import kernels
+from .preprocess import model_data_config, preprocess_files
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def imagenet_classes():
+    """The 1000 ImageNet-1k class names, by class index (torchvision's short names)."""
+    text = resources.files("vitnp").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+def class_names(model):
+    """Names of the model's classes by index: the checkpoint's, ImageNet-1k's for 1000 classes, or 'class <i>'."""
+    if getattr(model, "labels", None):
+        return list(model.labels)
+    if model.num_classes == 1000:
+        return imagenet_classes()
+    return [f"class {i}" for i in range(model.num_classes)]
+
+
+def expand_inputs(inputs):
+    """Paths, folders (their image files, sorted) and glob patterns -> a list of file paths, in order given.
+
+    A path that does not exist and matches nothing is kept, so that reading it reports the error.
+    """
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_SUFFIXES))
+            paths.extend(os.path.join(item, n) for n in names)
+        elif not os.path.exists(item) and glob.has_magic(item):
+            paths.extend(sorted(glob.glob(item)))
+        else:
+            paths.append(item)
+    return paths
+
+
+def top_k(logits, k):
+    """softmax over classes, then the k most probable per row: (indices (B, k), probabilities (B, k))."""
+    probs = kernels.softmax(np.array(logits, dtype=np.float64))
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probs, order, axis=-1)
+
+
+def predict_files(model, paths, topk=5, batch_size=8):
+    """Yield one result per path, in order: ``{'path', 'top': [(index, label, probability), ...]}`` or
+    ``{'path', 'error': message}`` for a file that cannot be read (the others go on)."""
+    if not model.num_classes:
+        raise ValueError(f"{model.name} has no classification head (num_classes=0): nothing to predict")
+    names = class_names(model)
+    pending = []
+
+    def flush():
+        batch = np.stack([x for _, x in pending])
+        indices, probs = top_k(model(batch), topk)
+        for (path, _), row, p in zip(pending, indices, probs):
+            yield {"path": path, "top": [(int(i), names[i], float(q)) for i, q in zip(row, p)]}
+        pending.clear()
+
+    for path, x, error in preprocess_files(paths, model_data_config(model), model.dtype):
+        if error is not None:
+            yield from flush() if pending else ()
+            yield {"path": path, "error": error}
+            continue
+        pending.append((path, x))
+        if len(pending) == batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
