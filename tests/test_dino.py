@@ -258,8 +258,8 @@ def test_dino_names_have_timm_dino_architectures():
     timm_ = pytest.importorskip("timm")
     for name, timm_name in [("dino_vits16", "vit_small_patch16_224"), ("dino_vitb8", "vit_base_patch8_224")]:
         with torch.device("meta"):
-            reference = timm_.create_model(timm_name, pretrained=False, num_classes=0)
-        model = vitnp.create_model(name, dtype=np.float32)
+            reference = timm_.create_model(timm_name, pretrained=False, num_classes=0, depth=2)
+        model = vitnp.create_model(name, depth=2)
         assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == [
             (k, tuple(v.shape)) for k, v in reference.state_dict().items()]
 
@@ -410,3 +410,11 @@ def test_attention_png_is_written_and_opens(tmp_path, capsys):
             rows = -(-panels // columns)
             assert picture.size == (columns * side + (columns - 1) * 4, rows * side + (rows - 1) * 4)
             assert picture.mode == "RGB"
+
+
+def test_fixed_img_size_when_asked():
+    model = vitnp.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                               dynamic_img_size=False)
+    with pytest.raises(ValueError, match="takes 32x32 images, got 32x40"):
+        model.forward_features(np.zeros((1, 3, 32, 40), np.float32))
+    assert model(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 1000)

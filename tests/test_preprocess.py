@@ -28,7 +28,8 @@ _TRANSFORMS = {}
 
 def timm_transform(name):
     if name not in _TRANSFORMS:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **({"depth": 1} if name.startswith(("vit_", "deit_")) else {}))
+        small = {"depth": 1} if name.startswith(("vit_", "deit_")) else {}
+        model = timm.create_model(name, pretrained=False, num_classes=0, **small)
         _TRANSFORMS[name] = create_transform(**resolve_data_config({}, model=model))
     return _TRANSFORMS[name]
 

@@ -23,6 +23,8 @@ NAMES = vitnp.list_models()
 DEMO = "vit_digits_patch4_32"
 # The notes' own ViTs and lucidrains' ViT are no timm models: tests/test_notes_vit.py checks them against their code.
 NOT_TIMM = {name for _, table in vitnp.notes_vit.FAMILIES for name in table}
+# DINO's hubconf names are not timm names either: tests/test_dino.py checks them against timm's ViTs and DINO's code.
+NOT_TIMM |= set(vitnp.vit.DINO_MODELS)
 TIMM_NAMES = [n for n in NAMES if n != DEMO and n not in NOT_TIMM]
 # The demo model is not a timm name; this is its timm VisionTransformer config as the issue describes it (img 32,
 # patch 4, 1 channel, the 10 digits), the contract its shipped .npz is written against.

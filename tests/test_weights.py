@@ -213,7 +213,7 @@ def test_create_model_with_weights_path_or_dict(tmp_path, state):
 
 @pytest.fixture(scope="module")
 def model():
-    return _small_model()
+    return _small_model(dynamic_img_size=False)  # timm's default: only the size it was built for
 
 
 @pytest.mark.parametrize(

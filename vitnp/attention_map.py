@@ -96,6 +96,8 @@ def attention_figure(model, image, out, image_size=None, threshold=None, rollout
     """Write the PNG grid: image, mean over heads (overlaid), one panel per head; returns the (heads, H, W) maps."""
     if not hasattr(model, "get_last_selfattention"):
         raise ValueError(f"attention maps are drawn for the ViT / DeiT / DINO family, not {model.name}")
+    if not model.cfg.class_token:
+        raise ValueError(f"{model.name} has no class token: there is no class-token attention to draw")
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     x, picture = load_for_attention(model, image, image_size)

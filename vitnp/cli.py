@@ -220,9 +220,11 @@ def run_predict(args):
                     if "error" in r:
                         record["error"] = r["error"]
                     else:
-                        record["top"] = [{"class_index": i, "label": label, "probability": p} for i, label, p in r["top"]]
+                        record["top"] = [{"class_index": i, "label": label, "probability": p}
+                                         for i, label, p in r["top"]]
                     f.write(json.dumps(record) + "\n")
-        print(f"wrote {len(results) - failed} predictions to {args.out}" + (f" ({failed} unreadable)" if failed else ""))
+        skipped = f" ({failed} unreadable)" if failed else ""
+        print(f"wrote {len(results) - failed} predictions to {args.out}{skipped}")
     return 1 if failed else 0
 
 
@@ -252,7 +254,8 @@ def add_verify_arguments(parser):
                         help="run timm's model of the same name with the same weights in this process (needs torch + "
                              "timm) on a random input")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--image-size", type=int, metavar="N", help="with --torch: the input size (default: the model's)")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="with --torch: the input size (default: the model's)")
 
 
 def run_verify(args):
@@ -290,7 +293,7 @@ def add_attention_arguments(parser):
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
                         help="DINO's mask: keep the patches holding the top T of each head's attention mass (e.g. 0.6)")
     parser.add_argument("--rollout", action="store_true",
-                        help="attention rollout over all blocks (Abnar & Zuidema) instead of the last block's attention")
+                        help="attention rollout over all blocks (Abnar & Zuidema) instead of the last block's")
 
 
 def run_attention(args):

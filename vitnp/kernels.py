@@ -20,7 +20,9 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 
-_jit = numba.njit(cache=True, nogil=True)
+# error_model="numpy": x / 0 gives inf or nan as in NumPy (IEEE) instead of raising, which also lets LLVM vectorise
+# loops that divide (Python's error model branches on every divisor).
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 
 
@@ -146,6 +148,11 @@ def _sum_squares_lanes(a):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ViT: LayerNorm, GELU, softmax
+#
+# Serial on purpose: they run between two multi-threaded BLAS calls, whose worker thread keeps spinning on the other
+# core after each call. Parallel (prange) versions made vit_base's forward slower on 2 cores, up to 3x at batch 1
+# (Numba's threads and OpenBLAS's fighting for the cores, see benchmarks/README.md); vectorised and serial they
+# cost a few percent of the forward.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -169,13 +176,13 @@ def _rows_to_update(x2, out):
     return out2
 
 
-@_jit_parallel
+@_jit
 def _layer_norm_rows(x, weight, bias, eps, out):
     # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row, var biased (divides by C).
     # Two passes over the row (mean, then centred sum of squares) as torch does: no E[x^2] - E[x]^2 cancellation.
     # The centred row goes to ``out`` first, so ``out`` may be ``x``.
     rows, channels = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         mean = _sum_lanes(x[r]) / channels
         for c in range(channels):
             out[r, c] = x[r, c] - mean
@@ -197,22 +204,22 @@ def layer_norm(x, weight, bias, eps, out=None):
     return out.reshape(x.shape)
 
 
-@_jit_parallel
+@_jit
 def _gelu_erf_rows(x, bias):
     # In place: GELU(x) = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), with the bias of the preceding Linear
     # added first.
     rows, channels = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
             x[r, c] = 0.5 * v * (1.0 + _erf(v * _SQRT_HALF, x.dtype))
 
 
-@_jit_parallel
+@_jit
 def _gelu_tanh_rows(x, bias):
     # In place: GELU(x) ~ 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), torch's approximate='tanh'.
     rows, channels = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
             x[r, c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
@@ -235,11 +242,11 @@ def gelu(x, approximate="none", bias=None, out=None):
     return y2.reshape(x.shape)
 
 
-@_jit_parallel
+@_jit
 def _softmax_rows(x):
     # In place: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max keeps exp() <= 1.
     rows, channels = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         row_max = x[r, 0]
         for c in range(1, channels):
             if x[r, c] > row_max:

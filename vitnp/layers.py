@@ -3,6 +3,8 @@
 Each ``__call__`` is the forward of the timm / PyTorch module of the same name, step for step.
 """
 
+import numpy as np
+
 from . import kernels, ops
 from .model import Identity, Module
 
@@ -75,8 +77,9 @@ class Attention(Module):
     def __call__(self, x):
         B, N, C = x.shape
         attn, v = self.attention_probs(x)
-        x = attn @ v  # (B, heads, N, head_dim)
-        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
+        x = np.empty((B, N, C), dtype=v.dtype)
+        heads = x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim) view
+        np.matmul(attn, v, out=heads)  # attn @ v, each head written straight into its columns of x: no merge copy
         return self.proj(x)
 
 
@@ -118,7 +121,7 @@ class Block(Module):
 
     def __call__(self, x):
         x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        x += self.mlp(self.norm2(x))  # in place: x is this block's own array by now
         return x
 
 

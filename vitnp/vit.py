@@ -38,6 +38,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     act: str = "gelu"
     pos_embed_resample: str = "timm"  # resampler for other input sizes: 'timm', 'dino' or 'hf' (ops.resample_pos_embed)
+    dynamic_img_size: bool = True  # any image size, pos_embed resampled; False: only img_size (timm's default)
 
 
 class VisionTransformer(Model):
@@ -105,8 +106,11 @@ class VisionTransformer(Model):
         return [getattr(self.blocks, str(i)) for i in range(self.cfg.depth)]
 
     def check_image_size(self, height, width):
+        if not self.cfg.dynamic_img_size:
+            return super().check_image_size(height, width)
         if height < self.patch_size or width < self.patch_size:
-            raise ValueError(f"images must be at least one patch ({self.patch_size}x{self.patch_size}), got {height}x{width}")
+            p = self.patch_size
+            raise ValueError(f"images must be at least one patch ({p}x{p}), got {height}x{width}")
 
     def pos_embed_for(self, height, width):
         """The position embedding for a height x width image, (1, prefix + gh*gw, D), gh, gw = height // p, width // p.
