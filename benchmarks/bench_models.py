@@ -22,6 +22,7 @@ _OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 if __name__ == "__main__" and any(name in os.environ for name in _OPENBLAS_OVERRIDES):
     # OpenBLAS reads these once, when it is loaded: restart without them before anything imports NumPy.
     _env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
+    _env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in _OPENBLAS_OVERRIDES if k in os.environ)
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], _env)
 
 import argparse  # noqa: E402
@@ -411,9 +412,10 @@ def main(argv=None):
     threads = Threads()
     threads.set(args.threads[0])
     overrides = [name for name in _OPENBLAS_OVERRIDES if name in os.environ]
+    unset = os.environ.get("VITNP_BENCH_UNSET") or "none were set"
     print(f"machine: {machine_report()}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, vitnp {vitnp.__version__}")
-    print(f"OpenBLAS overrides in force: {overrides or 'none (unset for this run)'}")
+    print(f"OpenBLAS overrides in force: {overrides or 'none'} (unset for this run: {unset})")
     print(f"torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}")
     print("thread pools (threadpoolctl):")
     for line in blas_report():

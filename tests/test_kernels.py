@@ -198,12 +198,6 @@ def test_softmax_is_shift_invariant_and_uniform_on_constant_rows():
         np.testing.assert_allclose(y, 1.0 / 7, rtol=4 * np.finfo(dtype).eps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vitnp bug: with an `out` whose reshape to (rows, C) must copy (e.g. a transposed view), the kernels "
-    "write into that copy: `out` is not updated, and layer_norm also returns the stale `out` (kernels.py, "
-    "`out.reshape(x2.shape)` in layer_norm and _rows_to_update)",
-)
 @pytest.mark.parametrize("kernel", ["softmax", "gelu", "layer_norm"])
 def test_in_place_on_a_strided_view(kernel):
     x = np.random.default_rng(4).standard_normal((3, 5, 4)).transpose(0, 2, 1)  # (3, 4, 5), not C-contiguous

@@ -168,12 +168,21 @@ def _rows_to_update(x2, out):
     In-place kernels read and write one array, so LLVM vectorises their loops: with two arrays that may be the same
     it must check for overlap at run time, and when ``out`` is ``x`` that check sends it to the scalar loop.
     """
-    if out is None:
+    if out is None or not out.flags.c_contiguous:  # a strided ``out`` is filled by :func:`_result` afterwards
         return x2.copy()
     out2 = out.reshape(x2.shape)
     if out2.ctypes.data != x2.ctypes.data or out2.strides != x2.strides:
         np.copyto(out2, x2)
     return out2
+
+
+def _result(y2, shape, out):
+    """The kernel's (rows, C) result in ``shape``; a strided ``out`` (which no reshape can alias) receives a copy."""
+    y = y2.reshape(shape)
+    if out is not None and not out.flags.c_contiguous:
+        out[...] = y
+        return out
+    return y
 
 
 @_jit
@@ -198,10 +207,9 @@ def layer_norm(x, weight, bias, eps, out=None):
     Accumulates in float64 for either dtype (Numba promotes the scalar sums), then writes in ``x.dtype``.
     """
     x2 = _rows(x)
-    if out is None:
-        out = np.empty_like(x2)
-    _layer_norm_rows(x2, weight, bias, eps, out.reshape(x2.shape))
-    return out.reshape(x.shape)
+    y2 = out.reshape(x2.shape) if out is not None and out.flags.c_contiguous else np.empty_like(x2)
+    _layer_norm_rows(x2, weight, bias, eps, y2)
+    return _result(y2, x.shape, out)
 
 
 @_jit
@@ -239,7 +247,7 @@ def gelu(x, approximate="none", bias=None, out=None):
     y2 = _rows_to_update(x2, out)
     kernel = _gelu_erf_rows if approximate == "none" else _gelu_tanh_rows
     kernel(y2, bias)
-    return y2.reshape(x.shape)
+    return _result(y2, x.shape, out)
 
 
 @_jit
@@ -263,7 +271,7 @@ def softmax(x, out=None):
     x2 = _rows(x)
     y2 = _rows_to_update(x2, out)
     _softmax_rows(y2)
-    return y2.reshape(x.shape)
+    return _result(y2, x.shape, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,7 +480,7 @@ def silu(x, bias=None, out=None):
         bias = np.zeros(x2.shape[1], dtype=x2.dtype)
     y2 = _rows_to_update(x2, out)
     _silu_rows(y2, bias)
-    return y2.reshape(x.shape)
+    return _result(y2, x.shape, out)
 
 
 @_jit_parallel

@@ -5,7 +5,7 @@ Each ``__call__`` is the forward of the timm / PyTorch module of the same name, 
 
 import numpy as np
 
-from . import kernels, ops
+from . import blas, kernels, ops
 from .model import Identity, Module
 
 
@@ -71,7 +71,8 @@ class Attention(Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views of qkv
         q = q * self.scale
-        attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
+        with blas.single_threaded():  # B * heads small products: see vitnp/blas.py
+            attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
         return kernels.softmax(attn, out=attn), v
 
     def __call__(self, x):
@@ -79,7 +80,8 @@ class Attention(Module):
         attn, v = self.attention_probs(x)
         x = np.empty((B, N, C), dtype=v.dtype)
         heads = x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim) view
-        np.matmul(attn, v, out=heads)  # attn @ v, each head written straight into its columns of x: no merge copy
+        with blas.single_threaded():
+            np.matmul(attn, v, out=heads)  # attn @ v, each head written straight into its columns of x: no merge copy
         return self.proj(x)
 
 
