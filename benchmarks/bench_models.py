@@ -29,10 +29,12 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--no-startup", action="store_true", help="skip the Numba cold / cached start-up measurement")
     p.add_argument("--startup-model", help="model for the start-up measurement (default: the first of --models)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+    p.add_argument("--no-onnxruntime", action="store_true", help="leave onnxruntime out even when it is installed")
+    p.add_argument("--memory", action="store_true", help="also measure each engine's peak RSS in a fresh process")
     return p.parse_args(argv)
 
 
@@ -87,6 +91,12 @@ def numba_report():
     )
 
 
+def engine_versions():
+    import importlib.metadata
+
+    return [f"{e.name} {importlib.metadata.version(e.name)}" for e in ENGINES]
+
+
 def machine_report():
     cpu = platform.processor() or platform.machine()
     try:
@@ -100,7 +110,7 @@ def machine_report():
 
 
 class Threads:
-    """Sets torch's, Numba's and the BLAS's thread counts together and keeps the BLAS limit in force."""
+    """Sets torch's, vitnp's (BLAS, Numba, batch chunks) thread counts together and keeps the BLAS limit in force."""
 
     def __init__(self):
         from threadpoolctl import ThreadpoolController
@@ -112,11 +122,16 @@ class Threads:
         import numba
         import torch
 
+        import vitnp
+
         if self.limit is not None:
             self.limit.restore_original_limits()
         torch.set_num_threads(n)
-        numba.set_num_threads(numba_threads or n)
         self.limit = self.controller.limit(limits=n, user_api="blas")
+        vitnp.set_num_threads(n)  # the BLAS's threads (again), Numba's and the chunks a batch is split into
+        numba.set_num_threads(numba_threads or n)
+        for engine in ENGINES:
+            engine.threads = n
 
 
 # ----------------------------------------------------------------------------------------------- engines
@@ -150,7 +165,57 @@ class TorchEngine:
         return forward
 
 
-ENGINES = [VitnpEngine(), TorchEngine()]
+class OnnxRuntimeEngine:
+    """The timm model exported to ONNX (same weights), run by onnxruntime's CPU provider with the current threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.threads = 1
+        self.paths = {}  # model name -> its .onnx file
+
+    @staticmethod
+    def available(dtype):
+        import importlib.util
+
+        return dtype == "float32" and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
+
+    def export(self, model_name, timm_model):
+        import torch
+
+        path = os.path.join(self.workdir, f"{model_name}.onnx")
+        images = torch.zeros(1, *timm_model.pretrained_cfg["input_size"])
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                timm_model, (images,), path, input_names=["images"], output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+            )
+        return path
+
+    def prepare(self, model_name, timm_model, state_dict, dtype):
+        import onnxruntime
+
+        path = self.paths[model_name] = self.export(model_name, timm_model)
+        sessions = {}
+
+        def forward(x):
+            if self.threads not in sessions:
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = self.threads
+                options.inter_op_num_threads = 1
+                options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+                options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+                sessions[self.threads] = onnxruntime.InferenceSession(
+                    path, options, providers=["CPUExecutionProvider"]
+                )
+            return sessions[self.threads].run(None, {"images": x})[0]
+
+        return forward
+
+
+ENGINES = [VitnpEngine(), TorchEngine()]  # main() adds OnnxRuntimeEngine when onnxruntime is installed
 
 
 def build_case(model_name, dtype):
@@ -186,6 +251,39 @@ def time_alternating(forwards, x, warmup, repeats):
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def flops_per_image(timm_model, image_shape):
+    """FLOPs of one forward of one image (2 per multiply-add of every matmul / conv / attention), torch's count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        timm_model(torch.zeros(1, *image_shape))
+    return counter.get_total_flops()
+
+
+_GEMM_PEAK = {}
+
+
+def gemm_peak(n_threads, size=2048, repeats=5):
+    """GFLOP/s of NumPy's BLAS on a square float32 GEMM with the current thread count: the measured peak."""
+    import numpy as np
+
+    if n_threads not in _GEMM_PEAK:
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((size, size)).astype(np.float32) for _ in range(2))
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        _GEMM_PEAK[n_threads] = 2 * size**3 / best / 1e9
+    return _GEMM_PEAK[n_threads]
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def run_benchmarks(args, threads):
     import numpy as np
 
@@ -195,17 +293,22 @@ def run_benchmarks(args, threads):
         timm_model, state_dict = build_case(model_name, args.dtype)
         forwards = {e.name: e.prepare(model_name, timm_model, state_dict, args.dtype) for e in ENGINES}
         vitnp_model = ENGINES[0].model
+        image_shape = (vitnp_model.in_chans, *vitnp_model.img_size)
+        flops = flops_per_image(timm_model, image_shape)
         for n_threads in args.threads:
             threads.set(n_threads, args.numba_threads)
+            peak = gemm_peak(n_threads)
             for batch in args.batch:
-                shape = (batch, vitnp_model.in_chans, *vitnp_model.img_size)
-                x = rng.standard_normal(shape).astype(args.dtype)
+                x = rng.standard_normal((batch, *image_shape)).astype(args.dtype)
                 logits = {name: np.asarray(f(x)) for name, f in forwards.items()}
                 seconds = time_alternating(forwards, x, args.warmup, args.repeats)
                 row = dict(model=model_name, batch=batch, threads=n_threads, dtype=args.dtype)
+                row.update(gflop_per_img=flops / 1e9, gemm_peak_gflops=peak)
                 for name, s in seconds.items():
                     row[f"{name}_ms_per_img"] = 1e3 * s / batch
                     row[f"{name}_img_per_s"] = batch / s
+                    row[f"{name}_gflops"] = flops * batch / s / 1e9
+                    row[f"{name}_peak_fraction"] = row[f"{name}_gflops"] / peak
                 for name in seconds:
                     if name != "vitnp":
                         row[f"vitnp/{name}"] = seconds["vitnp"] / seconds[name]
@@ -223,7 +326,8 @@ def format_header():
     others = [e.name for e in ENGINES[1:]]
     cols = ["model", "batch", "thr", "vitnp ms/img"]
     cols += [f"{o} ms/img" for o in others] + [f"vitnp/{o}" for o in others]
-    cols += ["vitnp img/s"] + [f"{o} img/s" for o in others] + [f"max|dlogit| {o}" for o in others]
+    cols += ["vitnp img/s"] + [f"{o} img/s" for o in others] + ["GFLOP/img"]
+    cols += [f"{e.name} GFLOP/s (% peak)" for e in ENGINES] + [f"max|dlogit| {o}" for o in others]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
@@ -233,6 +337,8 @@ def format_row(row):
     cells += [f"{row[f'{o}_ms_per_img']:.1f}" for o in others]
     cells += [f"{row[f'vitnp/{o}']:.2f}" for o in others]
     cells += [f"{row['vitnp_img_per_s']:.1f}"] + [f"{row[f'{o}_img_per_s']:.1f}" for o in others]
+    cells += [f"{row['gflop_per_img']:.2f}"]
+    cells += [f"{row[f'{e.name}_gflops']:.0f} ({100 * row[f'{e.name}_peak_fraction']:.0f}%)" for e in ENGINES]
     cells += [f"{row[f'max_abs_diff_{o}']:.1e}" for o in others]
     return "| " + " | ".join(cells) + " |"
 
@@ -396,6 +502,71 @@ def print_startup(model_name, results):
     print(f"cold compile cost (first forward, cold - cached): {compile_s:.2f} s")
 
 
+# ----------------------------------------------------------------------------------------------- memory
+
+_MEMORY_CODE = {
+    "vitnp": """
+import vitnp
+vitnp.set_num_threads(THREADS)
+report("imports")
+model = vitnp.create_model(NAME, weights=NPZ)  # the .npz is memory-mapped, not read into memory
+x = np.zeros((1, model.in_chans, *model.img_size), np.float32)
+model(x)
+""",
+    "torch": """
+import torch, timm
+torch.set_num_threads(THREADS)
+report("imports")
+model = timm.create_model(NAME, pretrained=False).eval()
+model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(NPZ).items()})
+with torch.inference_mode():
+    model(torch.zeros(1, *model.pretrained_cfg["input_size"]))
+""",
+    "onnxruntime": """
+import onnxruntime
+report("imports")
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = THREADS
+session = onnxruntime.InferenceSession(ONNX, options, providers=["CPUExecutionProvider"])
+shape = [1 if isinstance(d, str) else d for d in session.get_inputs()[0].shape]
+session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
+""",
+}
+
+_MEMORY_PRELUDE = """
+import json, sys
+import numpy as np
+NAME, NPZ, ONNX, THREADS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+marks = {}
+def report(mark):  # peak RSS so far, MiB: VmHWM starts afresh at exec (ru_maxrss would carry the parent's peak over)
+    with open("/proc/self/status") as status:
+        marks[mark] = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+
+
+def measure_memory(model_name, state_dict, onnx_path, n_threads, workdir):
+    """Peak RSS (MiB) of a fresh interpreter per engine: after its imports, and after one batch-1 forward."""
+    import numpy as np
+
+    npz_path = os.path.join(workdir, f"{model_name}.npz")
+    np.savez(npz_path, **state_dict)
+    results = {"weights_mib": os.path.getsize(npz_path) / 2**20}
+    for engine in ENGINES:
+        code = _MEMORY_PRELUDE + _MEMORY_CODE[engine.name] + "report('forward')\nprint(json.dumps(marks))\n"
+        argv = [sys.executable, "-c", code, model_name, npz_path, onnx_path or "", str(n_threads)]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True)
+        results[engine.name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def print_memory(model_name, results):
+    print(f"\npeak RSS, {model_name} batch 1, fresh interpreter per engine (weights: {results['weights_mib']:.0f} MiB .npz)")
+    print("| engine | after imports MiB | after the first forward MiB |\n|---|---|---|")
+    for engine in ENGINES:
+        marks = results[engine.name]
+        print(f"| {engine.name} | {marks['imports']:.0f} | {marks['forward']:.0f} |")
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -409,6 +580,9 @@ def main(argv=None):
 
     import vitnp
 
+    workdir = tempfile.mkdtemp(prefix="vitnp-bench-")
+    if not args.no_onnxruntime and OnnxRuntimeEngine.available(args.dtype):
+        ENGINES.append(OnnxRuntimeEngine(workdir))
     threads = Threads()
     threads.set(args.threads[0])
     overrides = [name for name in _OPENBLAS_OVERRIDES if name in os.environ]
@@ -421,6 +595,9 @@ def main(argv=None):
     for line in blas_report():
         print(f"  {line}")
     print(f"  {numba_report()}")
+    print(f"engines: {', '.join(engine_versions())}")
+    print(f"measured GEMM peak (float32 2048^3 through NumPy's BLAS): "
+          + ", ".join(f"{n} threads {gemm_peak(n):.0f} GFLOP/s" for n in args.threads))
 
     print(f"\nfp {args.dtype}, median of {args.repeats} alternating repeats after {args.warmup} warm-up forwards")
     print(format_header())
@@ -433,6 +610,15 @@ def main(argv=None):
     print(f"  torch: {torch.get_num_threads()} threads")
     del numba
 
+    memory = {}
+    if args.memory:
+        onnx_engine = next((e for e in ENGINES if e.name == "onnxruntime"), None)
+        for model_name in args.models:
+            onnx = onnx_engine.paths.get(model_name) if onnx_engine else None
+            memory[model_name] = measure_memory(model_name, build_case(model_name, args.dtype)[1], onnx,
+                                                args.threads[0], workdir)
+            print_memory(model_name, memory[model_name])
+
     startup = None
     if not args.no_startup:
         startup_model = args.startup_model or args.models[0]
@@ -441,7 +627,9 @@ def main(argv=None):
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, startup=startup, blas=blas_report(), numba=numba_report()), f, indent=1)
+            json.dump(dict(rows=rows, memory=memory, startup=startup, blas=blas_report(), numba=numba_report()), f,
+                      indent=1)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

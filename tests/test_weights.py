@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import vitnp
+from vitnp.weights import CONFIG_KEY, save_npz
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5)
 NAME = "vit_tiny_patch16_224"
@@ -42,7 +43,15 @@ def state():
 # ---------------------------------------------------------------------------------------------------- load_weights
 
 
-def test_load_weights_round_trips_savez_as_read_only_memory_maps(tmp_path, state):
+def _is_memory_mapped(array):
+    bases, base = [], array
+    while base is not None:
+        bases.append(base)
+        base = getattr(base, "base", None)
+    return any(isinstance(b, (np.memmap, mmap.mmap)) for b in bases)
+
+
+def test_load_weights_round_trips_savez_as_aligned_arrays(tmp_path, state):
     path = tmp_path / "weights.npz"
     arrays = {**state, "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)), "scalar": np.float64(2.5)}
     np.savez(path, **arrays)
@@ -51,15 +60,37 @@ def test_load_weights_round_trips_savez_as_read_only_memory_maps(tmp_path, state
     for key, value in arrays.items():
         assert loaded[key].dtype == np.asarray(value).dtype and loaded[key].shape == np.shape(value), key
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+        # np.savez puts members at any offset: the unaligned ones are copied (NumPy's BLAS path needs alignment)
+        assert loaded[key].flags.aligned, key
+        if _is_memory_mapped(loaded[key]):
+            assert not loaded[key].flags.writeable, key
+
+
+def test_save_npz_aligns_every_member_so_all_are_memory_mapped(tmp_path, state):
+    path = tmp_path / "weights.npz"
+    arrays = {**state, "odd": np.arange(7, dtype=np.float16), "empty": np.zeros((0, 3), np.float32)}
+    save_npz(path, arrays, config={"img_size": 32})
+    with np.load(path) as plain:  # still an ordinary .npz for NumPy
+        assert sorted(plain.files) == sorted([*arrays, CONFIG_KEY])
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(plain[key], value, err_msg=key)
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:  # where the bytes are, read from the zip itself
+        for info in archive.infolist():
+            raw.seek(info.header_offset + 26)
+            name_length, extra_length = (int(n) for n in np.frombuffer(raw.read(4), "<u2"))
+            with archive.open(info) as member:
+                np.lib.format.read_magic(member)
+                np.lib.format.read_array_header_1_0(member)
+                data_offset = info.header_offset + 30 + name_length + extra_length + member.tell()
+            assert data_offset % 64 == 0, info.filename
+    loaded = vitnp.load_weights(path)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+        if value.size:
+            assert _is_memory_mapped(loaded[key]) and not loaded[key].flags.writeable, key
     weight = loaded["blocks.0.attn.qkv.weight"]
-    assert not weight.flags.writeable
     with pytest.raises(ValueError):
         weight[0, 0] = 1.0
-    bases, base = [], weight
-    while base is not None:
-        bases.append(base)
-        base = getattr(base, "base", None)
-    assert any(isinstance(b, (np.memmap, mmap.mmap)) for b in bases), f"not memory-mapped: {[type(b) for b in bases]}"
 
 
 def test_load_weights_reads_savez_compressed(tmp_path, state):

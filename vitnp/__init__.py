@@ -3,6 +3,7 @@
 from .model import WeightsError, count_params
 from .preprocess import load_image, normalize, preprocess
 from .registry import create_model, data_config, list_models
+from .threads import get_num_threads, set_num_threads
 from .weights import WeightsFileError, load_weights
 
 __version__ = "0.1.0"
@@ -13,9 +14,11 @@ __all__ = [
     "count_params",
     "create_model",
     "data_config",
+    "get_num_threads",
     "list_models",
     "load_image",
     "load_weights",
     "normalize",
     "preprocess",
+    "set_num_threads",
 ]

@@ -17,13 +17,18 @@ from numba.extending import intrinsic, overload
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_LN2 = math.log(2.0)
-_LOG2E = 1.0 / _LN2
+# float32 exp: log2(e); ln 2 as a short part (exact in any product with an integer below 2^15) plus the rest; 1/k!;
+# the clamp range (exp(-104) is below half the smallest float32 subnormal, exp(89) above the largest float32).
+_LOG2E_F32 = np.float32(1.0 / math.log(2.0))
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(math.log(2.0) - 0.693359375)
+_INV_FACT = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
+_EXP_MIN = np.float32(-104.0)
+_EXP_MAX = np.float32(89.0)
 
 # error_model="numpy": x / 0 gives inf or nan as in NumPy (IEEE) instead of raising, which also lets LLVM vectorise
 # loops that divide (Python's error model branches on every divisor).
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-_jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,13 +53,13 @@ _ERF_Q = (1.0, 0.49702885564164656, 0.11382631912782507, 0.015453517669389634, 0
 
 
 @intrinsic
-def _float64_from_bits(typingctx, bits):
-    """The float64 whose IEEE-754 bit pattern is the int64 ``bits`` (a reinterpretation, not a conversion)."""
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE-754 bit pattern is the int32 ``bits`` (a reinterpretation, not a conversion)."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvmlite.ir.DoubleType())
+        return builder.bitcast(args[0], llvmlite.ir.FloatType())
 
-    return numba.types.float64(numba.types.int64), codegen
+    return numba.types.float32(numba.types.int32), codegen
 
 
 def _exp(x, dtype):
@@ -68,17 +73,23 @@ def _exp_for_dtype(x, dtype):
         return lambda x, dtype: math.exp(x)
 
     def exp_for_float32(x, dtype):
-        # exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) by its Taylor series to r^7 (relative
-        # error < 6e-9); 2^n built from its exponent bits. x is clamped to where float32 exp is 0 or inf anyway.
-        x = float(x)
-        if x < -104.0:
-            x = -104.0
-        elif x > 89.0:
-            x = 89.0
-        n = np.floor(x * _LOG2E + 0.5)
-        r = x - n * _LN2
-        exp_r = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r / 5040))))))
-        return exp_r * _float64_from_bits(np.int64(np.int32(n) + 1023) << 52)
+        # exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 with ln 2 split in two (n * _LN2_HI is exact, so r
+        # carries no rounding from the reduction), |r| <= ln(2) / 2; exp(r) by its Taylor series to r^7, in float32
+        # arithmetic (8 lanes to a vector): within 2 ulp of exp. 2^n is applied as 2^n1 * 2^n2, both normal numbers
+        # built from their exponent bits, so a result in float32's subnormal range or beyond its largest value rounds
+        # once, to the subnormal or to inf, as exp does. x is clamped to where float32 exp is 0 or inf anyway.
+        x = np.float32(x)
+        if x < _EXP_MIN:
+            x = _EXP_MIN
+        elif x > _EXP_MAX:
+            x = _EXP_MAX
+        n = np.floor(x * _LOG2E_F32 + np.float32(0.5))
+        r = (x - n * _LN2_HI) - n * _LN2_LO
+        exp_r = np.float32(1.0) + r * (np.float32(1.0) + r * (_INV_FACT[2] + r * (_INV_FACT[3] + r * (
+            _INV_FACT[4] + r * (_INV_FACT[5] + r * (_INV_FACT[6] + r * _INV_FACT[7]))))))
+        n1 = np.int32(n) >> 1
+        n2 = np.int32(n) - n1
+        return exp_r * _float32_from_bits((n1 + 127) << 23) * _float32_from_bits((n2 + 127) << 23)
 
     return exp_for_float32
 
@@ -406,7 +417,7 @@ def window_reverse(windows, window_size, H, W, out=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@_jit_parallel
+@_jit
 def _depthwise_conv2d_planes(x, weight, stride, padding, out):
     # out[b, c, i, j] = sum_{u, v} weight[c, u, v] * x[b, c, i*stride + u - padding, j*stride + v - padding], taps
     # outside the map reading zero padding. Each tap adds a scaled, strided run of one input row to an output row;
@@ -415,7 +426,7 @@ def _depthwise_conv2d_planes(x, weight, stride, padding, out):
     B, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     kh, kw = weight.shape[1], weight.shape[2]
-    for plane in numba.prange(B * C):
+    for plane in range(B * C):
         b = plane // C
         c = plane % C
         for i in range(Ho):
@@ -459,12 +470,12 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, out=None):
     return out
 
 
-@_jit_parallel
+@_jit
 def _silu_rows(x, bias):
     # In place: SiLU(v) = v * sigmoid(v) = v / (1 + exp(-v)), v = x + bias: the bias of the preceding Linear added
     # first. exp(-v) is huge for very negative v and v / (1 + exp(-v)) goes to -0, the right limit.
     rows, channels = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
             x[r, c] = v / (1.0 + _exp(-v, x.dtype))
@@ -483,12 +494,12 @@ def silu(x, bias=None, out=None):
     return _result(y2, x.shape, out)
 
 
-@_jit_parallel
+@_jit
 def _channel_affine_planes(x, scale, shift, apply_silu):
     # In place on a (B, C, L) array: y = x * scale[c] + shift[c] over each (b, c) plane, then SiLU(y) = y / (1 +
     # exp(-y)) when apply_silu.
     B, C, L = x.shape
-    for plane in numba.prange(B * C):
+    for plane in range(B * C):
         b = plane // C
         c = plane % C
         s = scale[c]

@@ -5,7 +5,7 @@ Each ``__call__`` is the forward of the timm / PyTorch module of the same name, 
 
 import numpy as np
 
-from . import blas, kernels, ops
+from . import kernels, ops, threads
 from .model import Identity, Module
 
 
@@ -71,7 +71,7 @@ class Attention(Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views of qkv
         q = q * self.scale
-        with blas.single_threaded():  # B * heads small products: see vitnp/blas.py
+        with threads.single_threaded():  # B * heads small products: see vitnp/threads.py
             attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
         return kernels.softmax(attn, out=attn), v
 
@@ -80,7 +80,7 @@ class Attention(Module):
         attn, v = self.attention_probs(x)
         x = np.empty((B, N, C), dtype=v.dtype)
         heads = x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim) view
-        with blas.single_threaded():
+        with threads.single_threaded():
             np.matmul(attn, v, out=heads)  # attn @ v, each head written straight into its columns of x: no merge copy
         return self.proj(x)
 

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import threads
+
 
 class WeightsError(ValueError):
     """Weights that do not fit a model: missing, unexpected or mis-shaped keys, or unusable values."""
@@ -129,7 +131,9 @@ class Model(Module):
         self.dtype = np.dtype(dtype)
 
     def __call__(self, x):
-        return self.forward_head(self.forward_features(x))
+        """Logits (B, num_classes) of a (B, C, H, W) batch; a batch runs as one chunk per thread (:mod:`.threads`)."""
+        x = self.check_input(x)
+        return threads.map_batch(lambda chunk: self.forward_head(self.forward_features(chunk)), x)
 
     def check_input(self, x):
         """Return ``x`` as an array of the model's dtype after checking it is a (B, C, H, W) float image batch."""

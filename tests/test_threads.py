@@ -1,0 +1,101 @@
+"""vitnp.set_num_threads / get_num_threads, the split of a batch across threads, the BLAS's single-threaded sections.
+
+No oracle needed: a batch computed in chunks must equal the images computed alone (to GEMM rounding: the BLAS picks
+its blocking by the number of rows), and the BLAS's thread count must come back to what it was.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+import vitnp
+from tolerances import assert_close
+from vitnp import threads
+
+
+@pytest.fixture
+def restore_threads():
+    before = threads.get_num_threads()
+    yield
+    vitnp.set_num_threads(before)
+
+
+def _blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas" and "openblas" in p["internal_api"]]
+    if threads._OPENBLAS is None or not pools:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS vitnp controls")
+    return threads._OPENBLAS[1]()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_set_num_threads_rejects_non_positive_integers(bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        vitnp.set_num_threads(bad)
+
+
+def test_set_num_threads_sets_the_blas_threads(restore_threads):
+    vitnp.set_num_threads(1)
+    assert vitnp.get_num_threads() == 1
+    assert _blas_threads() == 1
+    vitnp.set_num_threads(3)
+    assert vitnp.get_num_threads() == 3
+    assert _blas_threads() == 3
+
+
+@pytest.mark.parametrize("n_threads, batch, sizes", [(1, 5, [5]), (2, 1, [1]), (2, 5, [3, 2]), (3, 7, [3, 2, 2])])
+def test_map_batch_runs_one_chunk_per_thread(restore_threads, n_threads, batch, sizes):
+    vitnp.set_num_threads(n_threads)
+    seen = []
+
+    def forward(chunk):
+        seen.append((len(chunk), threading.get_ident(), threads._OPENBLAS[1]() if threads._OPENBLAS else 1))
+        return chunk * 2.0
+
+    x = np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)
+    np.testing.assert_array_equal(threads.map_batch(forward, x), x * 2.0)  # chunks come back in order
+    assert sorted(size for size, _, _ in seen) == sorted(sizes)
+    if len(sizes) > 1:
+        assert all(blas == 1 for _, _, blas in seen)  # each chunk's GEMMs run on its own thread only
+        assert threading.get_ident() not in {ident for _, ident, _ in seen}
+
+
+def test_single_threaded_restores_the_blas_threads_when_the_last_thread_leaves(restore_threads):
+    vitnp.set_num_threads(2)
+    assert _blas_threads() == 2
+    inside, release = threading.Barrier(3), threading.Event()
+    observed = []
+
+    def worker():
+        with threads.single_threaded():
+            inside.wait()
+            release.wait()
+            observed.append(threads._OPENBLAS[1]())
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for w in workers:
+        w.start()
+    inside.wait()
+    assert _blas_threads() == 1
+    release.set()
+    for w in workers:
+        w.join()
+    assert observed == [1, 1]  # the first to leave did not restore two threads under the other
+    assert _blas_threads() == 2
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs"])
+def test_a_batch_split_across_threads_equals_the_images_alone(restore_threads, name):
+    overrides = {"mobilevit_xxs": dict(img_size=64)}.get(name, dict(img_size=64, depth=2) if "vit_" in name else {})
+    if name.startswith("swin"):
+        overrides = dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32)
+    model = vitnp.create_model(name, seed=0, **overrides)
+    x = np.random.default_rng(1).standard_normal((5, 3, *model.img_size)).astype(np.float32)
+    vitnp.set_num_threads(1)
+    alone = np.concatenate([model(x[i : i + 1]) for i in range(len(x))])
+    vitnp.set_num_threads(2)
+    batched = model(x)
+    assert batched.shape == alone.shape and batched.dtype == np.float32
+    assert_close(batched, alone, "model")
+    assert np.abs(batched - alone).max() < 1e-5  # rounding only; a mixed-up chunk would move logits by O(1)

@@ -1,0 +1,145 @@
+"""How many cores vitnp uses, and how: the BLAS's threads and the split of a batch across threads.
+
+Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
+
+- **One image**: the BLAS runs every GEMM on all threads; the Numba kernels between the GEMMs are serial (the BLAS's
+  worker threads keep spinning for a while after each call, and kernel threads fighting them made the forward up
+  to 3x slower). Attention multiplies B * heads small matrices (197 x 64 by 64 x 197 for ViT-B/16) in one
+  ``np.matmul``, one BLAS call per matrix: split across threads, each of those small products costs more in
+  synchronisation than it saves, so they run under :func:`single_threaded`.
+- **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
+  own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
+  or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
+  own threads.
+
+Only NumPy's own OpenBLAS (the wheels bundle it) is controlled; with another BLAS its threads are left alone.
+"""
+
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+
+# (set, get) function names: OpenBLAS as NumPy's wheels bundle it (64-bit integers, symbol suffix), then plain.
+_OPENBLAS_SYMBOLS = [
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+]
+
+
+def _candidate_paths():
+    numpy_dir = os.path.dirname(np.__file__)
+    paths = glob.glob(os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas*"))  # Linux / Windows wheels
+    paths += glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas*"))  # macOS wheels
+    try:
+        with open("/proc/self/maps") as maps:  # any OpenBLAS already loaded into this process (Linux)
+            paths += sorted({line.split()[-1] for line in maps if "openblas" in line and line.split()[-1][0] == "/"})
+    except OSError:
+        pass
+    return paths
+
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy uses, or None."""
+    for path in _candidate_paths():
+        try:
+            library = ctypes.CDLL(os.path.realpath(path))  # already loaded by NumPy: the same handle
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_SYMBOLS:
+            if hasattr(library, set_name) and hasattr(library, get_name):
+                return getattr(library, set_name), getattr(library, get_name)
+    return None
+
+
+_OPENBLAS = _find_openblas()
+
+
+_lock = threading.Lock()
+_single_threaded_depth = 0  # how many threads are inside ``single_threaded`` now
+_blas_threads_outside = None  # the BLAS's thread count to restore when the last of them leaves
+_num_threads = None  # vitnp's thread count; None until set: the BLAS's own (or the machine's cores)
+_pool = None  # (threads, ThreadPoolExecutor) for map_batch
+
+
+def get_num_threads():
+    """The number of threads vitnp uses: the last :func:`set_num_threads`, else the BLAS's own thread count."""
+    if _num_threads is not None:
+        return _num_threads
+    if _OPENBLAS is not None:
+        return max(1, _OPENBLAS[1]())
+    return os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Use ``n`` threads: the BLAS's thread count, Numba's, and the number of chunks :func:`map_batch` runs at once."""
+    global _num_threads, _blas_threads_outside
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    with _lock:
+        if _OPENBLAS is not None:
+            if _single_threaded_depth:
+                _blas_threads_outside = n  # restored to n when the last single-threaded section ends
+            else:
+                _OPENBLAS[0](n)
+        _num_threads = n
+
+
+@contextmanager
+def single_threaded():
+    """Run the BLAS calls of the ``with`` body on one thread, then restore the BLAS's thread count.
+
+    Safe from several threads at once: the BLAS stays on one thread until the last of them leaves.
+    """
+    global _single_threaded_depth, _blas_threads_outside
+    if _OPENBLAS is None:
+        yield
+        return
+    set_blas_threads, get_blas_threads = _OPENBLAS
+    with _lock:
+        if _single_threaded_depth == 0:
+            _blas_threads_outside = get_blas_threads()
+            if _blas_threads_outside != 1:
+                set_blas_threads(1)
+        _single_threaded_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _single_threaded_depth -= 1
+            if _single_threaded_depth == 0 and _blas_threads_outside != 1:
+                set_blas_threads(_blas_threads_outside)
+
+
+def _thread_pool(threads):
+    global _pool
+    with _lock:
+        if _pool is None or _pool[0] != threads:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="vitnp"))
+        return _pool[1]
+
+
+def map_batch(forward, x):
+    """``forward(x)`` for a batch ``x`` (B, ...), computed as one chunk of the batch per thread, concatenated.
+
+    With one thread, or one image, it is ``forward(x)``. ``forward`` must treat the images of a batch independently
+    (every model forward does) and return an array whose first axis is the batch.
+    """
+    threads = min(get_num_threads(), len(x))
+    if threads < 2:
+        return forward(x)
+    chunks = np.array_split(x, threads)
+    with single_threaded():
+        results = list(_thread_pool(threads).map(forward, chunks))
+    return np.concatenate(results)
