@@ -1,4 +1,4 @@
-"""The ``vitnp`` command, a thin front over the API: ``vitnp list``, ``vitnp demo``, ``vitnp export``.
+"""The ``vitnp`` command, a thin front over the API: list, demo, export, inspect, predict, verify, attention, embed.
 
 Each subcommand is one entry of :data:`COMMANDS`: its help line, a function adding its arguments and a function
 running it on the parsed arguments. A new subcommand is one more entry. Problems the user can fix raise
@@ -307,6 +307,46 @@ def run_attention(args):
     return 0
 
 
+# ---- vitnp embed --------------------------------------------------------------------------------------------------
+
+
+def add_embed_arguments(parser):
+    parser.add_argument("source", metavar="SOURCE",
+                        help="a folder (searched recursively), a glob, a text file of paths, or any of these as an "
+                             "fsspec URL")
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder of Parquet shards + _manifest.json")
+    parser.add_argument("--what", choices=("features", "logits", "topk"), default="features",
+                        help="pre-logits features (default), logits, or the top-k labels and probabilities")
+    parser.add_argument("--topk", type=int, default=5, metavar="K", help="with --what topk: classes per image")
+    parser.add_argument("--batch", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    parser.add_argument("--shard-size", type=int, default=256, metavar="N", help="images per task and file")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="local worker processes (default: one per core); 0 runs in this process without Dask")
+
+
+def run_embed(args):
+    """Embed a collection on Dask; resumes a previous run into the same DIR; exit 1 when shards failed."""
+    from .embed import embed
+
+    result = embed(args.source, args.model, args.weights, args.out, what=args.what, topk=args.topk,
+                   batch_size=args.batch, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers)
+    skipped = f", {len(result['skipped'])} already done" if result["skipped"] else ""
+    print(f"wrote {result['rows']} rows in {result['shards']} shards to {result['out']} ({len(result['computed'])} "
+          f"computed{skipped}, {result['images_per_s']:.1f} images/s)")
+    if result["errors"]:
+        print(f"{result['errors']} unreadable images listed in {result['errors_file']}")
+    for index in result["failed"]:
+        print(f"vitnp embed: shard {index} failed: {result['failures'][index]}", file=sys.stderr)
+    if result["failed"]:
+        print(f"vitnp embed: {len(result['failed'])} shards failed; run the same command again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- the command --------------------------------------------------------------------------------------------------
 
 # name -> (help, add_arguments(parser) or None, run(args) -> exit status)
@@ -323,6 +363,8 @@ COMMANDS = {
                add_verify_arguments, run_verify),
     "attention": ("draw the class token's attention per head (DINO / ViT / DeiT) as a PNG grid",
                   add_attention_arguments, run_attention),
+    "embed": ("features, logits or top-k classes of a whole image collection on a Dask cluster, to Parquet shards "
+              "(resumable; needs vitnp[scale])", add_embed_arguments, run_embed),
 }
 
 
