@@ -1,5 +1,6 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
+from .layouts import LayoutError
 from .model import WeightsError, count_params
 from .preprocess import load_image, normalize, preprocess
 from .registry import create_model, data_config, list_models
@@ -9,6 +10,7 @@ from .weights import WeightsFileError, load_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayoutError",
     "WeightsError",
     "WeightsFileError",
     "count_params",
