@@ -94,6 +94,19 @@ def _exp_for_dtype(x, dtype):
     return exp_for_float32
 
 
+def _one(dtype):
+    """1 in ``dtype`` inside a kernel: ``v / (_one(x.dtype) + e)`` stays in float32 for float32 (a ``1.0`` literal is
+    float64 and would send the division, the slowest step of SiLU, to float64 at half the vector width)."""
+    return 1.0
+
+
+@overload(_one)
+def _one_for_dtype(dtype):
+    if dtype.dtype == numba.types.float32:
+        return lambda dtype: np.float32(1.0)
+    return lambda dtype: 1.0
+
+
 def _erf(z, dtype):
     """erf(z) to the precision of ``dtype``, inside a kernel (Numba compiles the overload below)."""
     return math.erf(z)
@@ -412,20 +425,28 @@ def window_reverse(windows, window_size, H, W, out=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # MobileViT: depthwise convolution, SiLU, per-channel affine (BatchNorm in eval mode / a conv bias) + SiLU
 #
-# Feature maps are NCHW, (B, C, H, W), timm's layout for convolutional networks: the loops run in parallel over the
-# B*C planes (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row.
+# Feature maps are NCHW, (B, C, H, W), timm's layout for convolutional networks: the loops run over the B*C planes
+# (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row. Serial, as the ViT
+# kernels and for the same reason: parallel versions fought the BLAS's spinning threads (mobilevit_xxs was 4.2x
+# torch's time at batch 1 with them, 0.6x without; benchmarks/README.md). A batch is split across threads above them.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @_jit
 def _depthwise_conv2d_planes(x, weight, stride, padding, out):
     # out[b, c, i, j] = sum_{u, v} weight[c, u, v] * x[b, c, i*stride + u - padding, j*stride + v - padding], taps
-    # outside the map reading zero padding. Each tap adds a scaled, strided run of one input row to an output row;
-    # the run is sliced out first so that the inner loop indexes from 0 (Numba's negative-index wraparound on a
-    # shifted index would keep LLVM from vectorising it).
+    # outside the map reading zero padding. Each tap adds a scaled run of one input row to an output row; the run is
+    # sliced out first so that the inner loop indexes from 0 (Numba's negative-index wraparound on a shifted index
+    # would keep LLVM from vectorising it), and with stride 1 the slice has no step, so Numba knows it is contiguous
+    # and the loop vectorises (3-4x faster than the strided form at stride 1).
     B, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     kh, kw = weight.shape[1], weight.shape[2]
+    j_lo = np.empty(kw, np.int64)  # per tap column v: the output columns j whose input column is inside the map
+    j_hi = np.empty(kw, np.int64)
+    for v in range(kw):
+        j_lo[v] = max(0, (padding - v + stride - 1) // stride)
+        j_hi[v] = min(Wo, (W - 1 + padding - v) // stride + 1)
     for plane in range(B * C):
         b = plane // C
         c = plane % C
@@ -438,16 +459,20 @@ def _depthwise_conv2d_planes(x, weight, stride, padding, out):
                     continue
                 src = x[b, c, src_i]
                 for v in range(kw):
-                    j_lo = max(0, (padding - v + stride - 1) // stride)  # first j reading column >= 0
-                    j_hi = min(Wo, (W - 1 + padding - v) // stride + 1)  # one past the last j reading column < W
-                    if j_hi <= j_lo:
+                    lo, hi = j_lo[v], j_hi[v]
+                    if hi <= lo:
                         continue
-                    start = j_lo * stride + v - padding
-                    run = src[start : start + stride * (j_hi - j_lo - 1) + 1 : stride]
-                    dst = row[j_lo:j_hi]
                     w = weight[c, u, v]
-                    for k in range(j_hi - j_lo):
-                        dst[k] += w * run[k]
+                    start = lo * stride + v - padding
+                    dst = row[lo:hi]
+                    if stride == 1:
+                        run = src[start : start + (hi - lo)]
+                        for k in range(hi - lo):
+                            dst[k] += w * run[k]
+                    else:
+                        run = src[start : start + stride * (hi - lo - 1) + 1 : stride]
+                        for k in range(hi - lo):
+                            dst[k] += w * run[k]
 
 
 def depthwise_conv2d(x, weight, stride=1, padding=0, out=None):
@@ -478,7 +503,7 @@ def _silu_rows(x, bias):
     for r in range(rows):
         for c in range(channels):
             v = x[r, c] + bias[c]
-            x[r, c] = v / (1.0 + _exp(-v, x.dtype))
+            x[r, c] = v / (_one(x.dtype) + _exp(-v, x.dtype))
 
 
 def silu(x, bias=None, out=None):
@@ -507,7 +532,7 @@ def _channel_affine_planes(x, scale, shift, apply_silu):
         if apply_silu:
             for k in range(L):
                 y = x[b, c, k] * s + t
-                x[b, c, k] = y / (1.0 + _exp(-y, x.dtype))
+                x[b, c, k] = y / (_one(x.dtype) + _exp(-y, x.dtype))
         else:
             for k in range(L):
                 x[b, c, k] = x[b, c, k] * s + t
