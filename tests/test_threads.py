@@ -61,6 +61,29 @@ def test_map_batch_runs_one_chunk_per_thread(restore_threads, n_threads, batch, 
         assert threading.get_ident() not in {ident for _, ident, _ in seen}
 
 
+def test_map_batch_inside_a_chunk_runs_inline(restore_threads):
+    vitnp.set_num_threads(2)  # a pool of 2, both busy with the outer chunks: a nested split would wait forever
+    inner_threads = []
+
+    def inner(chunk):
+        inner_threads.append(threading.get_ident())
+        return chunk + 1.0
+
+    def outer(chunk):
+        result = threads.map_batch(inner, chunk)
+        assert inner_threads[-1] == threading.get_ident()  # ran here, not on another pool thread
+        return result
+
+    x = np.zeros((4, 2), np.float32)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(threads.map_batch(outer, x)), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "a split inside a chunk waits on its own busy pool"
+    np.testing.assert_array_equal(results[0], x + 1.0)
+    assert len(inner_threads) == 2
+
+
 def test_single_threaded_restores_the_blas_threads_when_the_last_thread_leaves(restore_threads):
     vitnp.set_num_threads(2)
     assert _blas_threads() == 2

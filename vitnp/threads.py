@@ -66,6 +66,7 @@ _single_threaded_depth = 0  # how many threads are inside ``single_threaded`` no
 _blas_threads_outside = None  # the BLAS's thread count to restore when the last of them leaves
 _num_threads = None  # vitnp's thread count; None until set: the BLAS's own (or the machine's cores)
 _pool = None  # (threads, ThreadPoolExecutor) for map_batch
+_chunk = threading.local()  # .running is True on a pool thread while it computes a chunk
 
 
 def get_num_threads():
@@ -133,13 +134,22 @@ def _thread_pool(threads):
 def map_batch(forward, x):
     """``forward(x)`` for a batch ``x`` (B, ...), computed as one chunk of the batch per thread, concatenated.
 
-    With one thread, or one image, it is ``forward(x)``. ``forward`` must treat the images of a batch independently
-    (every model forward does) and return an array whose first axis is the batch.
+    With one thread, or one image, it is ``forward(x)``; called again from inside a chunk (a model run inside another
+    model's forward) it is ``forward(x)`` too, so the pool never waits on itself. ``forward`` must treat the images of
+    a batch independently (every model forward does) and return an array whose first axis is the batch.
     """
     threads = min(get_num_threads(), len(x))
-    if threads < 2:
+    if threads < 2 or getattr(_chunk, "running", False):
         return forward(x)
+
+    def run_chunk(chunk):
+        _chunk.running = True
+        try:
+            return forward(chunk)
+        finally:
+            _chunk.running = False
+
     chunks = np.array_split(x, threads)
     with single_threaded():
-        results = list(_thread_pool(threads).map(forward, chunks))
+        results = list(_thread_pool(threads).map(run_chunk, chunks))
     return np.concatenate(results)
