@@ -115,3 +115,76 @@ def test_verify_bad_reference(setup, capsys):
     np.savez(path, logits=expected["logits"])
     assert _verify(dtype, weights, path) == 1
     assert "no 'input' array" in capsys.readouterr().err
+
+
+# ---- the other families: Swin and MobileViT, traced by timm's module paths -----------------------------------------
+
+OTHER_FAMILIES = {
+    "swin_tiny_patch4_window7_224": dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32),
+    "mobilevit_xxs": {},
+}
+
+
+def _timm_trace_by_paths(reference, x, names):
+    """timm's outputs at the modules whose paths are ``names`` (forward hooks), plus pre-logits and logits."""
+    outputs = {}
+    modules = dict(reference.named_modules())
+    for name in names:
+        if name in modules:
+            modules[name].register_forward_hook(
+                lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().numpy().copy())
+            )
+    with torch.no_grad():
+        features = reference.forward_features(torch.from_numpy(x))
+        outputs["pre_logits"] = reference.forward_head(features, pre_logits=True).numpy()
+        outputs["logits"] = reference.forward_head(features).numpy()
+    return outputs
+
+
+@pytest.fixture(scope="module", params=list(OTHER_FAMILIES))
+def other_family(request, tmp_path_factory):
+    name, arch = request.param, OTHER_FAMILIES[request.param]
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, num_classes=10, **arch).eval()
+    with torch.no_grad():  # move BatchNorm statistics and every weight off their init values, keeping the scale
+        for key, tensor in reference.state_dict().items():
+            if key.endswith("running_var"):
+                tensor.mul_(1 + 0.2 * torch.rand_like(tensor))
+            elif tensor.is_floating_point():
+                tensor.add_(0.02 * torch.randn_like(tensor))
+    state = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
+    weights = tmp_path_factory.mktemp("verify_other") / "weights.npz"
+    save_npz(weights, state, dict(arch, num_classes=10))
+    return name, arch, reference, state, weights
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_trace_of_swin_and_mobilevit_equals_timm(other_family, dtype):
+    name, arch, reference, state, _ = other_family
+    model = vitnp.create_model(name, weights=state, dtype=dtype, num_classes=10, **arch)
+    size = arch.get("img_size", 64)
+    x = np.random.default_rng(1).standard_normal((2, 3, size, size)).astype(dtype)
+    trace = model.forward_trace(x)
+    expected = _timm_trace_by_paths(reference.to(torch.float64 if dtype == np.float64 else torch.float32), x, trace)
+    assert set(trace) == set(expected)
+    assert len(trace) > 6  # every block is in it
+    for layer in trace:
+        assert trace[layer].dtype == dtype, layer
+        assert_close(trace[layer], expected[layer], "model")
+
+
+def test_verify_torch_mode_of_swin_and_mobilevit(other_family, capsys):
+    name, _, _, _, weights = other_family
+    assert cli.main(["verify", "--model", name, "--weights", str(weights), "--torch"]) == 0
+    out = capsys.readouterr().out
+    assert "OK:" in out and "FAIL" not in out
+    assert ("layers.1.downsample" if name.startswith("swin") else "stages.4.1") in out
+
+
+def test_verify_torch_mode_refuses_swin_at_another_size(tmp_path, capsys):
+    name = "swin_tiny_patch4_window7_224"
+    arch = OTHER_FAMILIES[name]
+    weights = tmp_path / "swin.npz"
+    save_npz(weights, vitnp.create_model(name, **arch).state_dict(), dict(arch))
+    assert cli.main(["verify", "--model", name, "--weights", str(weights), "--torch", "--image-size", "96"]) == 1
+    assert "built for one image size" in capsys.readouterr().err

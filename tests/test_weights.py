@@ -68,7 +68,8 @@ def test_load_weights_round_trips_savez_as_aligned_arrays(tmp_path, state):
 
 def test_save_npz_aligns_every_member_so_all_are_memory_mapped(tmp_path, state):
     path = tmp_path / "weights.npz"
-    arrays = {**state, "odd": np.arange(7, dtype=np.float16), "empty": np.zeros((0, 3), np.float32)}
+    arrays = {**state, "odd": np.arange(7, dtype=np.float16), "empty": np.zeros((0, 3), np.float32),
+              "scalar": np.array(3, np.int64)}  # a 0-d entry (BatchNorm's num_batches_tracked) stays 0-d
     save_npz(path, arrays, config={"img_size": 32})
     with np.load(path) as plain:  # still an ordinary .npz for NumPy
         assert sorted(plain.files) == sorted([*arrays, CONFIG_KEY])
@@ -85,6 +86,7 @@ def test_save_npz_aligns_every_member_so_all_are_memory_mapped(tmp_path, state):
             assert data_offset % 64 == 0, info.filename
     loaded = vitnp.load_weights(path)
     for key, value in arrays.items():
+        assert loaded[key].shape == value.shape, key
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
         if value.size:
             assert _is_memory_mapped(loaded[key]) and not loaded[key].flags.writeable, key

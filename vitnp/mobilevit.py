@@ -303,6 +303,24 @@ class MobileViT(Model):
             x = block(x)
         return self.final_conv(x)
 
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names are timm's module paths: 'stem' (B, stem_chs, H/2, W/2); 'stages.{s}.{b}' (each MV2 or MobileViT
+        block's output, NCHW); 'final_conv' (forward_features); 'pre_logits' (pooled); 'logits' (with a head).
+        """
+        x = self.check_input(x)
+        trace = {}
+        x = trace["stem"] = self.stem(x)
+        for s, stage in enumerate(self.stages._modules.values()):
+            for b, block in stage._modules.items():
+                x = trace[f"stages.{s}.{b}"] = block(x)
+        x = trace["final_conv"] = self.final_conv(x)
+        trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.cfg.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
+
     def forward_head(self, x, pre_logits=False):
         """Global pool over (h, w) and the classifier ``head.fc``; ``pre_logits=True`` stops after the pool."""
         pool = self.cfg.global_pool

@@ -294,6 +294,27 @@ class SwinTransformer(Model):
             x = stage(x)
         return self.norm(x)
 
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names are timm's module paths: 'patch_embed' (B, H/p, W/p, D); per stage i 'layers.{i}.downsample' (the
+        patch merging, stages after the first) and 'layers.{i}.blocks.{j}' (each block's output, NHWC); 'norm'
+        (forward_features); 'pre_logits' (pooled); 'logits' (only with a head). Same steps as ``model(x)``.
+        """
+        x = self.check_input(x)
+        trace = {}
+        x = trace["patch_embed"] = self.patch_embed(x)  # (B, H/p, W/p, D)
+        for i, stage in enumerate(self.stage_list):
+            if not isinstance(stage.downsample, Identity):
+                x = trace[f"layers.{i}.downsample"] = stage.downsample(x)  # (B, H/2, W/2, 2C)
+            for j, block in enumerate(stage.block_list):
+                x = trace[f"layers.{i}.blocks.{j}"] = block(x)
+        x = trace["norm"] = self.norm(x)
+        trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
+
     def forward_head(self, x, pre_logits=False):
         """Average over H and W, then ``head.fc``; ``pre_logits=True`` stops after the pooling."""
         x = x.mean(axis=(1, 2))  # (B, C)

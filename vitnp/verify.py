@@ -1,8 +1,10 @@
 """Layer-by-layer comparison of a model's named intermediates (``forward_trace``) with another implementation's.
 
-The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names
-('patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm', 'pre_logits', 'logits'),
-or timm's model of the same architecture run in this process on the same weights (:func:`torch_reference`).
+The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names (ViT:
+'patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm'; Swin: 'patch_embed',
+'layers.{i}.downsample', 'layers.{i}.blocks.{j}', 'norm'; MobileViT: 'stem', 'stages.{s}.{b}', 'final_conv'; all:
+'pre_logits', 'logits'), or timm's model of the same architecture run in this process on the same weights
+(:func:`torch_reference`), hooked at the modules those names are the paths of.
 """
 
 import numpy as np
@@ -58,17 +60,47 @@ def format_table(rows):
 
 
 def torch_reference(model, image_size=None, seed=0):
-    """Run timm's VisionTransformer with ``model``'s architecture and weights on a seeded random input; returns
-    (input, {name: array}) with forward hooks at the modules that produce the trace's names."""
+    """Run timm's model of ``model``'s architecture, with its weights, on a seeded random input; returns
+    (input, {name: array}) from forward hooks at the timm modules the trace's names are the paths of."""
     try:
         import timm
         import torch
     except ImportError as error:
         raise ValueError("--torch needs PyTorch and timm: pip install torch timm") from error
-    if type(model).__name__ != "VisionTransformer":
-        raise ValueError(f"layer-by-layer tracing is available for the ViT / DeiT / DINO family, not {model.name}")
-    cfg = model.cfg
+    twins = {"VisionTransformer": _timm_vit, "SwinTransformer": _timm_swin, "MobileViT": _timm_mobilevit}
+    family = type(model).__name__
+    if family not in twins:
+        raise ValueError(f"layer-by-layer tracing against timm covers the ViT / DeiT / DINO, Swin and MobileViT "
+                         f"families, not {model.name}")
     size = image_size or model.img_size[0]
+    reference, hooked = twins[family](timm, model, size)
+    torch_dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    reference = reference.eval().to(torch_dtype)
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
+    outputs = {}
+
+    def keep(name):
+        return lambda module, inputs, output: outputs.__setitem__(name, output.detach().numpy().copy())
+
+    modules = dict(reference.named_modules())
+    for name, path in hooked.items():
+        modules[path].register_forward_hook(keep(name))
+    x = np.random.default_rng(seed).standard_normal((1, model.in_chans, size, size)).astype(model.dtype)
+    with torch.no_grad():
+        features = reference.forward_features(torch.from_numpy(x))
+        if family != "MobileViT":  # its forward_features output is the hooked final_conv's
+            outputs["norm"] = features.numpy()
+        outputs["pre_logits"] = reference.forward_head(features, pre_logits=True).numpy()
+        if reference.num_classes:
+            outputs["logits"] = reference.forward_head(features).numpy()
+    if family == "VisionTransformer" and outputs["patch_embed"].ndim == 4:  # dynamic_img_size: NHWC patch tokens
+        outputs["patch_embed"] = outputs["patch_embed"].reshape(1, -1, model.cfg.embed_dim)
+    return x, outputs
+
+
+def _timm_vit(timm, model, size):
+    """timm's VisionTransformer with ``model``'s config, and {trace name: timm module path} to hook."""
+    cfg = model.cfg
     if size != model.img_size[0] and cfg.pos_embed_resample != "timm":
         raise ValueError(f"timm resamples position embeddings its own way; {model.name} uses the "
                          f"{cfg.pos_embed_resample!r} resampler: compare at the trained size {model.img_size[0]}")
@@ -80,27 +112,36 @@ def torch_reference(model, image_size=None, seed=0):
         fc_norm=cfg.fc_norm, dynamic_img_size=size != model.img_size[0],
         **({} if cfg.distilled else {"representation_size": cfg.representation_size}),
     )
-    torch_dtype = torch.float64 if model.dtype == np.float64 else torch.float32
-    reference = reference.eval().to(torch_dtype)
-    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
-    outputs = {}
+    hooked = {"patch_embed": "patch_embed", "pos_embed": "pos_drop"}
+    for i in range(cfg.depth):
+        hooked.update({f"blocks.{i}.attn": f"blocks.{i}.attn", f"blocks.{i}.mlp": f"blocks.{i}.mlp",
+                       f"blocks.{i}": f"blocks.{i}"})
+    return reference, hooked
 
-    def keep(name):
-        return lambda module, inputs, output: outputs.__setitem__(name, output.detach().numpy().copy())
 
-    reference.patch_embed.register_forward_hook(keep("patch_embed"))
-    reference.pos_drop.register_forward_hook(keep("pos_embed"))
-    for i, block in enumerate(reference.blocks):
-        block.attn.register_forward_hook(keep(f"blocks.{i}.attn"))
-        block.mlp.register_forward_hook(keep(f"blocks.{i}.mlp"))
-        block.register_forward_hook(keep(f"blocks.{i}"))
-    x = np.random.default_rng(seed).standard_normal((1, cfg.in_chans, size, size)).astype(model.dtype)
-    with torch.no_grad():
-        features = reference.forward_features(torch.from_numpy(x))
-        outputs["norm"] = features.numpy()
-        outputs["pre_logits"] = reference.forward_head(features, pre_logits=True).numpy()
-        if cfg.num_classes:
-            outputs["logits"] = reference.forward_head(features).numpy()
-    if outputs["patch_embed"].ndim == 4:  # dynamic_img_size keeps NHWC patch tokens: (B, gh, gw, D)
-        outputs["patch_embed"] = outputs["patch_embed"].reshape(1, -1, cfg.embed_dim)
-    return x, outputs
+def _timm_swin(timm, model, size):
+    """timm's SwinTransformer with ``model``'s config (its masks are built for one size: the model's)."""
+    cfg = model.cfg
+    if size != model.img_size[0] or model.img_size[0] != model.img_size[1]:
+        raise ValueError(f"a Swin model is built for one image size: compare {model.name} at {model.img_size}")
+    reference = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=model.img_size, patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans, num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depths=cfg.depths,
+        num_heads=cfg.num_heads, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+    )
+    hooked = {"patch_embed": "patch_embed"}
+    for i, depth in enumerate(cfg.depths):
+        if i > 0:
+            hooked[f"layers.{i}.downsample"] = f"layers.{i}.downsample"
+        hooked.update({f"layers.{i}.blocks.{j}": f"layers.{i}.blocks.{j}" for j in range(depth)})
+    return reference, hooked
+
+
+def _timm_mobilevit(timm, model, size):
+    """timm's ByobNet of the same registered name (MobileViT's architecture is fixed by the name)."""
+    reference = timm.create_model(model.name, pretrained=False, in_chans=model.in_chans,
+                                  num_classes=model.cfg.num_classes, global_pool=model.cfg.global_pool)
+    hooked = {"stem": "stem", "final_conv": "final_conv"}
+    for s, stage in reference.stages.named_children():
+        hooked.update({f"stages.{s}.{b}": f"stages.{s}.{b}" for b, _ in stage.named_children()})
+    return reference, hooked

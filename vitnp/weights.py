@@ -343,7 +343,7 @@ def save_npz(path, state_dict, config=None):
     :data:`CONFIG_KEY` entry as JSON, so that ``create_model(name, weights=path)`` rebuilds the model the weights
     were exported from.
     """
-    arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+    arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # 0-d stays 0-d
     if config:
         arrays[CONFIG_KEY] = np.array(json.dumps(config))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
