@@ -81,6 +81,16 @@ def test_export_timm_name_round_trips(oracle, tmp_path, capsys):
     assert_close(model(x), timm_logits(torch, reference, x), "model")
 
 
+def test_export_of_a_batchnorm_model_keeps_its_scalar_buffers(oracle, tmp_path, capsys):
+    # BatchNorm's num_batches_tracked is a 0-d tensor: it must stay 0-d in the .npz for the strict load to accept it
+    out = tmp_path / "mobilevit.npz"
+    status, printed, _ = export(capsys, "mobilevit_xxs", "-o", out, "--model", "mobilevit_xxs")
+    assert status == 0, printed
+    weights = vitnp.load_weights(out)
+    assert weights["stem.bn.num_batches_tracked"].shape == ()
+    vitnp.create_model("mobilevit_xxs", weights=out)
+
+
 def test_export_pth_with_model_check_round_trips(oracle, tmp_path, capsys):
     torch, _ = oracle
     from timm.models.vision_transformer import VisionTransformer
