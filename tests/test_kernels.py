@@ -209,3 +209,37 @@ def test_in_place_on_a_strided_view(kernel):
     }[kernel]()
     np.testing.assert_allclose(y, expected, rtol=1e-12)
     np.testing.assert_allclose(x, expected, rtol=1e-12)
+
+
+# ---- the float32 exp inside softmax / SiLU: accuracy over float32's whole range, no oracle but float64 ---------------
+
+
+def _exp32_over(values):
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def exp_each(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = kernels._exp(x[i], x.dtype)
+        return out
+
+    return exp_each(values)
+
+
+def test_float32_exp_is_within_two_ulp_and_rounds_subnormals_and_overflow_once():
+    x = np.concatenate([np.linspace(-110, 95, 400_001), [0.0, -0.0, 88.72, 88.7228, -87.33, -103.97, -103.2]])
+    x = x.astype(np.float32)
+    y = _exp32_over(x)
+    assert y.dtype == np.float32
+    exact = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        rounded = exact.astype(np.float32)  # exp correctly rounded to float32 (inf past the largest float32)
+    normal = np.isfinite(rounded) & (rounded >= np.finfo(np.float32).tiny)
+    ulp = np.abs(y[normal].astype(np.float64) - exact[normal]) / np.spacing(rounded[normal]).astype(np.float64)
+    assert ulp.max() <= 2.0
+    tiny = ~normal & np.isfinite(rounded)  # subnormal results and zeros: within one subnormal step
+    assert np.abs(y[tiny].astype(np.float64) - rounded[tiny]).max() <= np.finfo(np.float32).smallest_subnormal
+    assert np.array_equal(np.isinf(y), np.isinf(rounded))
+    specials = _exp32_over(np.array([-np.inf, np.inf, np.nan, 0.0], np.float32))
+    assert specials[0] == 0.0 and specials[1] == np.inf and np.isnan(specials[2]) and specials[3] == 1.0
