@@ -31,6 +31,12 @@ _EXP_MAX = np.float32(89.0)
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
+def set_num_threads(n):
+    """Numba's thread count (capped at the threads it started with). vitnp's own kernels are serial; this is for
+    :func:`vitnp.set_num_threads`, which sets every thread pool together."""
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Scalar helpers that vectorise
 #

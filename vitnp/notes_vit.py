@@ -169,6 +169,23 @@ class PreNorm(Module):
         return self.fn(self.norm(x))
 
 
+class MlpHead(Module):
+    """The notes' ``mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))``: keys ``mlp_head.0`` and
+    ``mlp_head.1``; ``pre_logits=True`` (or no classes) stops after the LayerNorm."""
+
+    def __init__(self, dim, num_classes, eps):
+        super().__init__()
+        setattr(self, "0", LayerNorm(dim, eps))
+        setattr(self, "1", Linear(dim, num_classes) if num_classes else Identity())
+        self.num_classes = num_classes
+
+    def __call__(self, x, pre_logits=False):
+        x = getattr(self, "0")(x)
+        if pre_logits or not self.num_classes:
+            return x
+        return getattr(self, "1")(x)
+
+
 class PreNormViT(Model):
     """Seed 000 ``VIT``: ``model(x)`` gives (B, num_classes) logits, or the pooled (B, dim) vector when num_classes=0.
 
@@ -198,9 +215,7 @@ class PreNormViT(Model):
             setattr(layer, "1", PreNorm(D, GeluGeluMLP(D, cfg.mlp_hidden_dim), cfg.norm_eps))
             setattr(self.transformer.layers, str(i), layer)
         self.num_classes = cfg.num_classes
-        self.mlp_head = Module()
-        setattr(self.mlp_head, "0", LayerNorm(D, cfg.norm_eps))
-        setattr(self.mlp_head, "1", Linear(D, cfg.num_classes) if cfg.num_classes else Identity())
+        self.mlp_head = MlpHead(D, cfg.num_classes, cfg.norm_eps)
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, N + 1, D): embedding, then x = attn(x) + x; x = ff(x) + x per layer (no final norm)."""
@@ -216,10 +231,7 @@ class PreNormViT(Model):
     def forward_head(self, x, pre_logits=False):
         """Pool (class token, or the mean of all tokens), then ``mlp_head`` (LayerNorm, Linear)."""
         x = x.mean(axis=1) if self.cfg.pool == "mean" else x[:, 0]
-        x = getattr(self.mlp_head, "0")(x)
-        if pre_logits or not self.num_classes:
-            return x
-        return getattr(self.mlp_head, "1")(x)
+        return self.mlp_head(x, pre_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,9 +340,7 @@ class TorchEncoderViT(Model):
             layer = TransformerEncoderLayer(D, cfg.num_heads, int(D * cfg.mlp_ratio), cfg.norm_eps)
             setattr(self.encoder_blocks.layers, str(i), layer)
         self.num_classes = cfg.num_classes
-        self.mlp_head = Module()
-        setattr(self.mlp_head, "0", LayerNorm(D, cfg.norm_eps))
-        setattr(self.mlp_head, "1", Linear(D, cfg.num_classes) if cfg.num_classes else Identity())
+        self.mlp_head = MlpHead(D, cfg.num_classes, cfg.norm_eps)
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, N + 1, D): embedding, encoder layers (the seed's TransformerEncoder has no norm)."""
@@ -342,10 +352,7 @@ class TorchEncoderViT(Model):
 
     def forward_head(self, x, pre_logits=False):
         """``mlp_head(x[:, 0, :])``: LayerNorm, Linear on the class token."""
-        x = getattr(self.mlp_head, "0")(x[:, 0])
-        if pre_logits or not self.num_classes:
-            return x
-        return getattr(self.mlp_head, "1")(x)
+        return self.mlp_head(x[:, 0], pre_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -83,9 +83,9 @@ def set_num_threads(n):
     global _num_threads, _blas_threads_outside
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
-    import numba
+    from . import kernels  # the one module that imports numba
 
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    kernels.set_num_threads(n)
     with _lock:
         if _OPENBLAS is not None:
             if _single_threaded_depth:
