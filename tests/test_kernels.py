@@ -243,3 +243,61 @@ def test_float32_exp_is_within_two_ulp_and_rounds_subnormals_and_overflow_once()
     assert np.array_equal(np.isinf(y), np.isinf(rounded))
     specials = _exp32_over(np.array([-np.inf, np.inf, np.nan, 0.0], np.float32))
     assert specials[0] == 0.0 and specials[1] == np.inf and np.isnan(specials[2]) and specials[3] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- Linear (GEMM)
+
+LINEAR_SHAPES = st.tuples(
+    st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading axes
+    st.integers(1, 40),  # rows of the last leading axis: tiles of 6 rows and their remainder
+    st.integers(1, 70),  # in_features
+    st.integers(1, 70),  # out_features: panels of 16 (float32) / 8 (float64) columns and a cut-short last one
+)
+
+
+def _linear_case(draw):
+    (lead, rows, k, n), dtype = draw(LINEAR_SHAPES), draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((*lead, rows, k)).astype(dtype)
+    weight = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(dtype)  # outputs O(1), as in a network
+    bias = rng.standard_normal(n).astype(dtype) if draw(st.booleans()) else None
+    return x, weight, bias
+
+
+@needs_torch
+@given(st.data())
+def test_linear_matches_torch_and_numpy_twin(data):
+    x, weight, bias = _linear_case(data.draw)
+    y = kernels.linear(x, kernels.pack_linear_weight(weight), bias)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
+    expected = F.linear(_t(x), _t(weight), None if bias is None else _t(bias)).numpy()
+    assert_close(y, expected, "kernel")
+    assert_close(y, ops.linear(x, weight, bias), "kernel")
+
+
+@given(st.data())
+def test_linear_is_exact_on_small_integers(data):
+    # Products and sums of small integers are exact in floating point whatever the order: the kernel must give
+    # exactly the integer matrix product, every row, column and padding case (no oracle but integer arithmetic).
+    x, weight, bias = _linear_case(data.draw)
+    x, weight = np.round(x * 4).astype(x.dtype), np.round(weight * 4).astype(x.dtype)
+    bias = None if bias is None else np.round(bias * 4).astype(x.dtype)
+    exact = x.astype(np.int64) @ weight.T.astype(np.int64) + (0 if bias is None else bias.astype(np.int64))
+    np.testing.assert_array_equal(kernels.linear(x, kernels.pack_linear_weight(weight), bias), exact)
+
+
+def test_linear_reads_non_contiguous_input():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 40)).astype(np.float32)[:, ::2]  # (7, 20), stride 2
+    weight = rng.standard_normal((19, 20)).astype(np.float32)
+    assert_close(kernels.linear(x, kernels.pack_linear_weight(weight)), x.astype(np.float64) @ weight.T, "kernel")
+
+
+def test_linear_rejects_a_dtype_or_width_that_does_not_fit():
+    packed = kernels.pack_linear_weight(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="dtype float64 differs"):
+        kernels.linear(np.ones((2, 3)), packed)
+    with pytest.raises(ValueError, match="4 features.*takes 3"):
+        kernels.linear(np.ones((2, 4), np.float32), packed)
+    with pytest.raises(ValueError, match="float32 or float64 weight"):
+        kernels.pack_linear_weight(np.ones((4, 3), np.int64))

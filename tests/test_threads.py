@@ -122,3 +122,90 @@ def test_a_batch_split_across_threads_equals_the_images_alone(restore_threads, n
     assert batched.shape == alone.shape and batched.dtype == np.float32
     assert_close(batched, alone, "model")
     assert np.abs(batched - alone).max() < 1e-5  # rounding only; a mixed-up chunk would move logits by O(1)
+
+
+@pytest.fixture
+def share_everything(monkeypatch, restore_threads):
+    """Two threads, and every op shared out between them however small (the size threshold set to 0)."""
+    monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 0)
+    vitnp.set_num_threads(2)
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 64, 1000])
+def test_parallel_ranges_covers_every_item_once(share_everything, total):
+    counts = np.zeros(total, np.int64)
+    workers = set()
+    lock = threading.Lock()
+
+    def work(begin, end):
+        with lock:
+            counts[begin:end] += 1
+            workers.add(threading.get_ident())
+
+    threads.parallel_ranges(work, total, macs=1)
+    np.testing.assert_array_equal(counts, 1)
+
+
+def test_parallel_ranges_uses_a_second_thread_and_raises_its_errors(share_everything):
+    started = threading.Barrier(2, timeout=10)  # passes only if two threads run chunks at the same time
+
+    def work(begin, end):
+        if begin < 2:
+            started.wait()
+
+    threads.parallel_ranges(work, 8, macs=1)  # chunks of 1: items 0 and 1 go to the two threads first
+
+    def failing(begin, end):
+        if begin == 7:
+            raise RuntimeError("chunk 7 failed")
+
+    with pytest.raises(RuntimeError, match="chunk 7 failed"):
+        threads.parallel_ranges(failing, 8, macs=1)
+    threads.parallel_ranges(lambda begin, end: None, 8, macs=1)  # the helpers still work after an error
+
+
+def test_parallel_ranges_runs_inline_when_small_nested_or_busy(restore_threads):
+    vitnp.set_num_threads(2)
+    calls = []
+    threads.parallel_ranges(lambda b, e: calls.append((b, e, threading.get_ident())), 100, macs=1)
+    assert calls == [(0, 100, threading.get_ident())]  # below MIN_PARALLEL_MACS: one call, this thread
+    inner = []
+
+    def outer(begin, end):
+        threads.parallel_ranges(lambda b, e: inner.append((b, e)), 10, macs=threads.MIN_PARALLEL_MACS)
+
+    threads.parallel_ranges(outer, 4, macs=threads.MIN_PARALLEL_MACS)
+    assert inner == [(0, 10)] * 4  # inside a chunk: inline, whole
+
+
+def test_parallel_ranges_from_two_threads_at_once(share_everything):
+    results = {}
+
+    def caller(name):
+        total = np.zeros(500, np.int64)
+        for _ in range(50):
+            threads.parallel_ranges(lambda b, e: total.__setitem__(slice(b, e), total[b:e] + 1), 500, macs=1)
+        results[name] = total
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    for total in results.values():
+        np.testing.assert_array_equal(total, 50)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs"])
+def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everything, monkeypatch, name):
+    # At batch 1 every GEMM, attention and row kernel is cut into chunks for two threads: each output is still
+    # computed by the same arithmetic in the same order, so the logits are bit-identical to those of the same
+    # forward with nothing shared out (the BLAS, for MobileViT's convolutions, keeps its two threads in both).
+    overrides = dict(img_size=64, depth=2) if name.startswith("vit") else {"mobilevit_xxs": dict(img_size=64)}.get(name)
+    if name.startswith("swin"):
+        overrides = dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32)
+    model = vitnp.create_model(name, seed=0, **overrides)
+    x = np.random.default_rng(1).standard_normal((1, 3, *model.img_size)).astype(np.float32)
+    shared = model(x)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 2**62)
+    np.testing.assert_array_equal(shared, model(x))

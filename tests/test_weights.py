@@ -293,3 +293,60 @@ def test_strided_input_gives_the_same_output(model):
 def test_nested_list_input_is_accepted(model):
     x = _images(batch=1)
     np.testing.assert_array_equal(model(x.tolist()), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------- packed weights
+
+
+def test_a_new_weight_array_is_packed_again(state):
+    # Linear weights are packed on first use (vitnp.layers.packed_weight); a load must not leave the old packing.
+    model = _small_model(seed=0)
+    x = _images()
+    before = model(x)
+    model.load_state_dict(state)
+    np.testing.assert_array_equal(model(x), _small_model(seed=7)(x))
+    assert np.abs(model(x) - before).max() > 1e-3
+
+
+def test_a_packed_weight_cannot_be_changed_in_place():
+    # The forward reads the packed copy: an in-place change of the parameter would be silently ignored, so the
+    # parameter is read-only once packed, and the change fails loudly instead.
+    model = _small_model()
+    model(_images())
+    weight = model.state_dict()["blocks.0.attn.qkv.weight"]
+    with pytest.raises(ValueError, match="read-only"):
+        weight[0, 0] = 1.0
+
+
+def _resident_bytes(path):
+    """Bytes of ``path``'s mappings resident in this process (Linux /proc/self/smaps)."""
+    total, in_file = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address range, ..., [path]
+                in_file = len(fields) >= 6 and fields[5] == str(path)
+            elif in_file and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="needs madvise (Linux, macOS)")
+def test_mapped_weights_are_released_once_packed(tmp_path):
+    import os
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("resident pages are read from /proc/self/smaps (Linux)")
+    original = _small_model(seed=3, embed_dim=256, num_heads=4)  # Linear weights ~3 MB, most of the file
+    path = tmp_path / "weights.npz"
+    save_npz(path, original.state_dict())
+    model = _small_model(embed_dim=256, num_heads=4)
+    model.load_state_dict(vitnp.load_weights(path))
+    for value in model.state_dict().values():
+        value.sum()  # touch every page of the mapping
+    file_size = os.path.getsize(path)
+    assert _resident_bytes(path) > 0.9 * file_size
+    out = model(_images())
+    assert _resident_bytes(path) < 0.2 * file_size  # the Linear weights' pages went; norms and embeddings stay
+    np.testing.assert_array_equal(out, original(_images()))
+    _assert_same_state(model, _snapshot(original))  # the released weights read back from the file

@@ -9,11 +9,16 @@ functions are the jitted loops over rows of a 2-D array.
 """
 
 import math
+from typing import NamedTuple
 
+import llvmlite.binding
 import llvmlite.ir
 import numba
 import numpy as np
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
+
+from . import threads
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -29,6 +34,9 @@ _EXP_MAX = np.float32(89.0)
 # error_model="numpy": x / 0 gives inf or nan as in NumPy (IEEE) instead of raising, which also lets LLVM vectorise
 # loops that divide (Python's error model branches on every divisor).
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+# One value of LayerNorm, GELU or softmax costs about as much time as this many multiply-adds of a GEMM (for
+# vitnp.threads.parallel_ranges's decision whether a kernel is worth sharing out between threads).
+_MACS_PER_VALUE = 128
 
 
 def set_num_threads(n):
@@ -206,6 +214,12 @@ def _rows_to_update(x2, out):
     return out2
 
 
+def _over_rows(kernel, y2):
+    """``kernel(begin, end)`` over the rows of the (rows, C) array ``y2``, shared out between threads when it has
+    enough values to pay for it (:func:`vitnp.threads.parallel_ranges`)."""
+    threads.parallel_ranges(kernel, y2.shape[0], y2.size * _MACS_PER_VALUE)
+
+
 def _result(y2, shape, out):
     """The kernel's (rows, C) result in ``shape``; a strided ``out`` (which no reshape can alias) receives a copy."""
     y = y2.reshape(shape)
@@ -238,7 +252,7 @@ def layer_norm(x, weight, bias, eps, out=None):
     """
     x2 = _rows(x)
     y2 = out.reshape(x2.shape) if out is not None and out.flags.c_contiguous else np.empty_like(x2)
-    _layer_norm_rows(x2, weight, bias, eps, y2)
+    _over_rows(lambda begin, end: _layer_norm_rows(x2[begin:end], weight, bias, eps, y2[begin:end]), y2)
     return _result(y2, x.shape, out)
 
 
@@ -276,7 +290,7 @@ def gelu(x, approximate="none", bias=None, out=None):
         bias = np.zeros(x2.shape[1], dtype=x2.dtype)
     y2 = _rows_to_update(x2, out)
     kernel = _gelu_erf_rows if approximate == "none" else _gelu_tanh_rows
-    kernel(y2, bias)
+    _over_rows(lambda begin, end: kernel(y2[begin:end], bias), y2)
     return _result(y2, x.shape, out)
 
 
@@ -300,7 +314,7 @@ def softmax(x, out=None):
     """Softmax over the last axis: ``torch.softmax(x, dim=-1)``. ``out`` may be ``x`` for an in-place update."""
     x2 = _rows(x)
     y2 = _rows_to_update(x2, out)
-    _softmax_rows(y2)
+    _over_rows(lambda begin, end: _softmax_rows(y2[begin:end]), y2)
     return _result(y2, x.shape, out)
 
 
@@ -557,3 +571,290 @@ def channel_affine(x, scale, shift, act="none", out=None):
     y3 = _rows_to_update(x3, out)
     _channel_affine_planes(y3, scale, shift, act == "silu")
     return y3.reshape(x.shape)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Linear: y = x W^T + b, a GEMM on weights packed once
+#
+# NumPy's BLAS packs the weight matrix again on every call and splits a product of 197 rows poorly across two
+# threads: at batch 1 ViT-B's four Linears ran at two thirds of the machine's GEMM peak (benchmarks/README.md).
+# Here each weight matrix is packed once into panels of two vectors' worth of output columns, the panel's weights for
+# one k side by side, and a register-blocked micro-kernel computes a tile of 6 rows x 1 panel of y: for every k it
+# loads the panel's two weight vectors, broadcasts the 6 inputs x[i, k] in turn and accumulates their products in 12
+# vector registers with fused multiply-adds, starting from the bias, in k order. The accumulators stay in registers
+# over the whole depth and are stored once. The panels are shared out between threads
+# (:func:`vitnp.threads.parallel_ranges`); inside a chunk of a batch split across threads the product is serial.
+# Blocking k as well (the panel's block in L1) measured slower here: the partial sums' extra passes cost more.
+#
+# Numba has no vector type; the few LLVM vector operations the micro-kernel needs are intrinsics over a type of our
+# own: a 32-byte register (8 float32 or 4 float64 lanes: AVX), 64 bytes on a CPU with AVX-512.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_VECTOR_BYTES = 64 if llvmlite.binding.get_host_cpu_features().get("avx512f", False) else 32
+_I32 = llvmlite.ir.IntType(32)
+_L2_ROWS_BYTES = 1 << 19  # a block of rows of x that stays in the L2 cache (512 KiB; measured against 256 KiB, 1 MiB)
+
+
+class _Vector(numba.types.Type):
+    """A SIMD register of float32 or float64 lanes, LLVM's ``<lanes x float>``."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.lanes = _VECTOR_BYTES * 8 // dtype.bitwidth
+        super().__init__(name=f"vector({dtype} x {self.lanes})")
+
+
+@register_model(_Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = llvmlite.ir.FloatType() if fe_type.dtype == numba.types.float32 else llvmlite.ir.DoubleType()
+        super().__init__(dmm, fe_type, llvmlite.ir.VectorType(element, fe_type.lanes))
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    """Address of element ``index`` of a 1-D C-contiguous array (no bounds check, no negative wrap-around)."""
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
+@intrinsic
+def _vzero(typingctx, array):
+    """A vector of zeros of ``array``'s dtype."""
+    vector = _Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        return llvmlite.ir.Constant(context.get_value_type(vector), None)
+
+    return vector(array), codegen
+
+
+@intrinsic
+def _vload(typingctx, array, index):
+    """The vector ``array[index : index + lanes]``."""
+    vector = _Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], *args)
+        vector_pointer = builder.bitcast(pointer, context.get_value_type(vector).as_pointer())
+        return builder.load(vector_pointer, align=vector.dtype.bitwidth // 8)
+
+    return vector(array, index), codegen
+
+
+@intrinsic
+def _vbroadcast(typingctx, array, index):
+    """``array[index]`` in every lane."""
+    vector = _Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        scalar = builder.load(_element_pointer(context, builder, signature.args[0], *args))
+        vector_type = context.get_value_type(vector)
+        one_lane = builder.insert_element(llvmlite.ir.Constant(vector_type, None), scalar, _I32(0))
+        every_lane = llvmlite.ir.Constant(llvmlite.ir.VectorType(_I32, vector.lanes), [0] * vector.lanes)
+        return builder.shuffle_vector(one_lane, one_lane, every_lane)
+
+    return vector(array, index), codegen
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane, rounded once (IEEE fused multiply-add)."""
+
+    def codegen(context, builder, signature, args):
+        vector_type = args[0].type
+        suffix = f"v{a.lanes}f{a.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(
+            builder.module, llvmlite.ir.FunctionType(vector_type, [vector_type] * 3), f"llvm.fma.{suffix}"
+        )
+        return builder.call(fma, list(args))
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def _vadd(typingctx, a, b):
+    """``a + b`` lane by lane."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(*args)
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _vstore(typingctx, array, index, vector):
+    """``array[index : index + lanes] = vector``."""
+
+    def codegen(context, builder, signature, args):
+        array_value, index_value, vector_value = args
+        pointer = _element_pointer(context, builder, signature.args[0], array_value, index_value)
+        builder.store(vector_value, builder.bitcast(pointer, vector_value.type.as_pointer()), align=vector.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return numba.types.void(array, index, vector), codegen
+
+
+@_jit
+def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
+    # y[:, panel columns] = x @ W[panel columns]^T + bias for the panels in [first_panel, end_panel).
+    # x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p * width + c, k],
+    # zero past the last output column; bias and the rows of y padded to n_panels * width columns.
+    # The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over them.
+    rows, depth = x.shape
+    width = panels.shape[2]
+    lanes = width // 2
+    padded_columns = y.shape[1]
+    x_flat = x.reshape(-1)
+    weights = panels.reshape(-1)
+    y_flat = y.reshape(-1)
+    for block in range(0, rows, block_rows):
+        for p in range(first_panel, end_panel):
+            column = p * width
+            bias0 = _vload(bias, column)
+            bias1 = _vload(bias, column + lanes)
+            for i in range(block, min(block + block_rows, rows), 6):
+                # Where the tile's 6 rows of x start; past the last row, the last row again (computed, not stored).
+                x0 = i * depth
+                x1 = min(i + 1, rows - 1) * depth
+                x2 = min(i + 2, rows - 1) * depth
+                x3 = min(i + 3, rows - 1) * depth
+                x4 = min(i + 4, rows - 1) * depth
+                x5 = min(i + 5, rows - 1) * depth
+                acc00 = acc10 = acc20 = acc30 = acc40 = acc50 = bias0  # acc<r><h>: row i + r, half h of the panel
+                acc01 = acc11 = acc21 = acc31 = acc41 = acc51 = bias1
+                w = p * depth * width
+                for k in range(depth):
+                    w0 = _vload(weights, w)  # W[column : column + lanes, k]
+                    w1 = _vload(weights, w + lanes)  # W[column + lanes : column + width, k]
+                    w += width
+                    a = _vbroadcast(x_flat, x0 + k)
+                    acc00 = _vfma(a, w0, acc00)
+                    acc01 = _vfma(a, w1, acc01)
+                    a = _vbroadcast(x_flat, x1 + k)
+                    acc10 = _vfma(a, w0, acc10)
+                    acc11 = _vfma(a, w1, acc11)
+                    a = _vbroadcast(x_flat, x2 + k)
+                    acc20 = _vfma(a, w0, acc20)
+                    acc21 = _vfma(a, w1, acc21)
+                    a = _vbroadcast(x_flat, x3 + k)
+                    acc30 = _vfma(a, w0, acc30)
+                    acc31 = _vfma(a, w1, acc31)
+                    a = _vbroadcast(x_flat, x4 + k)
+                    acc40 = _vfma(a, w0, acc40)
+                    acc41 = _vfma(a, w1, acc41)
+                    a = _vbroadcast(x_flat, x5 + k)
+                    acc50 = _vfma(a, w0, acc50)
+                    acc51 = _vfma(a, w1, acc51)
+                at = i * padded_columns + column
+                _vstore(y_flat, at, acc00)
+                _vstore(y_flat, at + lanes, acc01)
+                if i + 1 < rows:
+                    _vstore(y_flat, at + padded_columns, acc10)
+                    _vstore(y_flat, at + padded_columns + lanes, acc11)
+                if i + 2 < rows:
+                    _vstore(y_flat, at + 2 * padded_columns, acc20)
+                    _vstore(y_flat, at + 2 * padded_columns + lanes, acc21)
+                if i + 3 < rows:
+                    _vstore(y_flat, at + 3 * padded_columns, acc30)
+                    _vstore(y_flat, at + 3 * padded_columns + lanes, acc31)
+                if i + 4 < rows:
+                    _vstore(y_flat, at + 4 * padded_columns, acc40)
+                    _vstore(y_flat, at + 4 * padded_columns + lanes, acc41)
+                if i + 5 < rows:
+                    _vstore(y_flat, at + 5 * padded_columns, acc50)
+                    _vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
+
+
+@_jit
+def _pack_columns(b, panels):
+    # panels[p, k, c] = b[k, p * width + c], 0 past b's last column; b (depth, columns) of any strides.
+    depth, columns = b.shape
+    n_panels, _, width = panels.shape
+    for p in range(n_panels):
+        for k in range(depth):
+            for c in range(width):
+                column = p * width + c
+                panels[p, k, c] = b[k, column] if column < columns else 0.0
+
+
+def _panel_width(dtype):
+    return 2 * (_VECTOR_BYTES // np.dtype(dtype).itemsize)
+
+
+def _gemm(a, panels, columns, bias=None):
+    """a @ B (+ bias per column): a (rows, depth) C-contiguous, B (depth, columns) in ``panels``. The panels are
+    shared out between threads when the product is big enough to pay for it."""
+    rows, depth = a.shape
+    n_panels, _, width = panels.shape
+    padded_bias = np.zeros(n_panels * width, a.dtype)
+    if bias is not None:
+        padded_bias[:columns] = bias
+    y = np.empty((rows, n_panels * width), a.dtype)
+    block_rows = max(6, _L2_ROWS_BYTES // (depth * a.itemsize) // 6 * 6)
+
+    def panels_range(begin, end):
+        _gemm_panels(a, panels, padded_bias, y, begin, end, block_rows)
+
+    threads.parallel_ranges(panels_range, n_panels, rows * depth * columns)
+    if y.shape[1] != columns:  # the last panel is cut short: drop its padding columns
+        y = np.ascontiguousarray(y[:, :columns])
+    return y
+
+
+class PackedWeight(NamedTuple):
+    """A Linear weight (out, in) in the panel layout :func:`linear` reads, made by :func:`pack_linear_weight`."""
+
+    panels: np.ndarray  # (n_panels, in_features, width): panels[p, k, c] = W[p * width + c, k], 0 past the last row
+    out_features: int
+
+
+def pack_linear_weight(weight):
+    """Pack a Linear weight (out_features, in_features) of dtype float32 or float64 for :func:`linear`."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or weight.dtype not in (np.float32, np.float64):
+        raise ValueError(f"expected a float32 or float64 weight of shape (out, in), got {weight.dtype} {weight.shape}")
+    out_features, in_features = weight.shape
+    width = _panel_width(weight.dtype)
+    panels = np.empty((-(-out_features // width), in_features, width), weight.dtype)
+    _pack_columns(weight.T, panels)  # (n_panels, in, width)
+    return PackedWeight(panels, out_features)
+
+
+def linear(x, packed, bias=None):
+    """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
+    :func:`pack_linear_weight`. Each output is one chain of fused multiply-adds in k order, starting from the bias.
+    """
+    panels, out_features = packed
+    if x.dtype != panels.dtype:
+        raise ValueError(f"linear: input dtype {x.dtype} differs from the weight's {panels.dtype}")
+    if x.shape[-1] != panels.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}")
+    y = _gemm(_rows(x), panels, out_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Waiting for another thread without the GIL (vitnp.threads' helpers)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _load_acquire(typingctx, array, index):
+    """``array[index]`` read from memory on every call (an atomic acquire load): another thread may change it."""
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], *args)
+        return builder.load_atomic(pointer, "acquire", array.dtype.bitwidth // 8)
+
+    return array.dtype(array, index), codegen
+
+
+@_jit
+def spin_until(flags, index, value, equal, spins):
+    """Spin (without the GIL) until ``flags[index] == value`` (``equal``) or ``!= value``; False after ``spins``
+    reads without it. For hand-offs between threads that take microseconds, where sleeping and being woken costs a
+    hundred or more on a virtual machine."""
+    for _ in range(spins):
+        if (_load_acquire(flags, index) == value) == equal:
+            return True
+    return False

@@ -3,10 +3,35 @@
 Each ``__call__`` is the forward of the timm / PyTorch module of the same name, step for step.
 """
 
+import threading
+
 import numpy as np
 
 from . import kernels, ops, threads
 from .model import Identity, Module
+from .weights import release_mapped_pages
+
+_packing_lock = threading.Lock()
+
+
+def packed_weight(module, name="weight"):
+    """``module``'s parameter ``name`` as a (out, in) matrix packed for :func:`vitnp.kernels.linear`.
+
+    Packed on first use and kept while the parameter is the same array; a new array (``load_state_dict``,
+    ``init_weights``) is packed again. The packed array is marked read-only, so that an in-place change, which the
+    packed copy would not see, fails loudly; the pages of a memory-mapped weight are released once it is packed.
+    """
+    weight = module._parameters[name]
+    cached = module.__dict__.get("_packed")
+    if cached is None or cached[0] is not weight:
+        with _packing_lock:  # a batch's chunks reach a new weight together: pack it once
+            cached = module.__dict__.get("_packed")
+            if cached is None or cached[0] is not weight:
+                weight.flags.writeable = False
+                cached = (weight, kernels.pack_linear_weight(weight.reshape(weight.shape[0], -1)))
+                release_mapped_pages(weight)
+                object.__setattr__(module, "_packed", cached)
+    return cached[1]
 
 
 class Linear(Module):
@@ -20,7 +45,7 @@ class Linear(Module):
         self.has_bias = bias
 
     def __call__(self, x):
-        return ops.linear(x, self.weight, self.bias if self.has_bias else None)
+        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None)
 
 
 class LayerNorm(Module):
@@ -49,7 +74,8 @@ class PatchEmbed(Module):
         self.patch_size = patch_size
 
     def __call__(self, x):
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias if self.has_bias else None)  # (B, N, D)
+        patches = ops.patchify(x, self.patch_size)  # (B, N, C*p*p)
+        return kernels.linear(patches, packed_weight(self.proj), self.proj.bias if self.has_bias else None)  # (B, N, D)
 
 
 class Attention(Module):
@@ -65,28 +91,42 @@ class Attention(Module):
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim)
 
-    def attention_probs(self, x):
-        """softmax(q k^T * scale) for every head: (B, heads, N, N), with v (B, heads, N, head_dim)."""
+    def qkv_heads(self, x):
+        """q (scaled), k, v of every head, each (B, heads, N, head_dim)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views of qkv
-        q = q * self.scale
+        return q * self.scale, k, v
+
+    @staticmethod
+    def probs(q, k):
+        """softmax(q k^T) of (B, heads, N, head_dim) q and k: (B, heads, N, N)."""
         with threads.single_threaded():  # B * heads small products: see vitnp/threads.py
             attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
-        return kernels.softmax(attn, out=attn), v
+        return kernels.softmax(attn, out=attn)
+
+    def attention_probs(self, x):
+        """softmax(q k^T * scale) for every head: (B, heads, N, N), with v (B, heads, N, head_dim)."""
+        q, k, v = self.qkv_heads(x)
+        return self.probs(q, k), v
 
     def __call__(self, x):
         B, N, C = x.shape
-        attn, v = self.attention_probs(x)
+        q, k, v = self.qkv_heads(x)
         x = np.empty((B, N, C), dtype=v.dtype)
         heads = x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim) view
-        with threads.single_threaded():
-            np.matmul(attn, v, out=heads)  # attn @ v, each head written straight into its columns of x: no merge copy
+
+        def attend(first, end):  # heads [first, end) of every image; the threads share the heads out
+            attn = self.probs(q[:, first:end], k[:, first:end])
+            with threads.single_threaded():
+                np.matmul(attn, v[:, first:end], out=heads[:, first:end])  # attn @ v, straight into x's columns
+
+        threads.parallel_ranges(attend, self.num_heads, 2 * B * N * N * C)  # q k^T and attn v
         return self.proj(x)
 
 
 class Mlp(Module):
-    """timm ``Mlp``: fc1 -> activation -> fc2. The activation takes fc1's bias with it (one pass over memory)."""
+    """timm ``Mlp``: fc1 -> activation -> fc2."""
 
     def __init__(self, in_features, hidden_features, act="gelu"):
         super().__init__()
@@ -95,12 +135,12 @@ class Mlp(Module):
         self.act = act
 
     def __call__(self, x):
-        x = ops.linear(x, self.fc1.weight)  # fc1 without its bias: the activation adds it
-        x = activation(self.act, x, self.fc1.bias)
+        x = self.fc1(x)
+        x = activation(self.act, x)
         return self.fc2(x)
 
 
-def activation(name, x, bias):
+def activation(name, x, bias=None):
     """act(x + bias) in place, for the activations the families use."""
     if name == "gelu":
         return kernels.gelu(x, bias=bias, out=x)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, layers, ops
+from . import kernels, layers, ops, threads
 from .layers import Identity, LayerNorm, Linear, Mlp
 from .model import Model, Module
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, data_cfg
@@ -113,15 +113,20 @@ class WindowAttention(Module):
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)
         qkv[:, :, 0] *= self.scale  # q = q * scale, in place in qkv (a fresh array)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nW, heads, N, head_dim), strided views of qkv
-        attn = q @ k.swapaxes(-2, -1)  # (B*nW, heads, N, N)
-        attn += self.relative_position_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn_per_image = attn.reshape(-1, num_win, self.num_heads, N, N)  # a view of attn
-            attn_per_image += mask[None, :, None]  # (1, nW, 1, N, N)
-        attn = kernels.softmax(attn, out=attn)
-        x = np.empty((B_, N, self.num_heads, self.head_dim), dtype=attn.dtype)
-        np.matmul(attn, v, out=x.transpose(0, 2, 1, 3))  # attn @ v: (B*nW, heads, N, head_dim), stored heads-last
+        relative_position_bias = self.relative_position_bias()  # (heads, N, N)
+        x = np.empty((B_, N, self.num_heads, self.head_dim), dtype=qkv.dtype)
+
+        def attend(first, end):  # windows [first, end); the threads share the windows out
+            with threads.single_threaded():  # many small products: see vitnp/threads.py
+                attn = q[first:end] @ k[first:end].swapaxes(-2, -1)  # (windows, heads, N, N)
+            attn += relative_position_bias
+            if mask is not None:  # window w of an image is window w % nW of the mask
+                attn += mask[np.arange(first, end) % mask.shape[0], None]  # (windows, 1, N, N)
+            attn = kernels.softmax(attn, out=attn)
+            with threads.single_threaded():
+                np.matmul(attn, v[first:end], out=x[first:end].transpose(0, 2, 1, 3))  # attn @ v, stored heads-last
+
+        threads.parallel_ranges(attend, B_, 2 * B_ * N * N * C)  # q k^T and attn v
         return self.proj(x.reshape(B_, N, C))
 
 

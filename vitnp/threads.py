@@ -2,11 +2,11 @@
 
 Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
 
-- **One image**: the BLAS runs every GEMM on all threads; the Numba kernels between the GEMMs are serial (the BLAS's
-  worker threads keep spinning for a while after each call, and kernel threads fighting them made the forward up
-  to 3x slower). Attention multiplies B * heads small matrices (197 x 64 by 64 x 197 for ViT-B/16) in one
-  ``np.matmul``, one BLAS call per matrix: split across threads, each of those small products costs more in
-  synchronisation than it saves, so they run under :func:`single_threaded`.
+- **One image**: the work of each op is cut into chunks that the threads take in turn (:func:`parallel_ranges`):
+  the output columns of every Linear (vitnp's own GEMM, :func:`vitnp.kernels.linear`), the heads of attention,
+  the rows of LayerNorm, GELU and softmax. The BLAS only multiplies attention's small per-head matrices (197 x 64
+  by 64 x 197 for ViT-B/16), on one thread per chunk of heads (:func:`single_threaded`): split inside the BLAS,
+  each of those small products cost more in synchronisation than it saved.
 - **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
   own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
   or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
@@ -19,6 +19,7 @@ import ctypes
 import glob
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -66,7 +67,7 @@ _single_threaded_depth = 0  # how many threads are inside ``single_threaded`` no
 _blas_threads_outside = None  # the BLAS's thread count to restore when the last of them leaves
 _num_threads = None  # vitnp's thread count; None until set: the BLAS's own (or the machine's cores)
 _pool = None  # (threads, ThreadPoolExecutor) for map_batch
-_chunk = threading.local()  # .running is True on a pool thread while it computes a chunk
+_chunk = threading.local()  # .running is True on a thread while it computes a chunk with others: no further split
 
 
 def get_num_threads():
@@ -151,5 +152,119 @@ def map_batch(forward, x):
 
     chunks = np.array_split(x, threads)
     with single_threaded():
-        results = list(_thread_pool(threads).map(run_chunk, chunks))
+        results = list(_thread_pool(get_num_threads()).map(run_chunk, chunks))
     return np.concatenate(results)
+
+
+_SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms
+# Work of fewer multiply-adds than this (~1.5 ms on one core) is not worth sharing out: handing chunks to another
+# thread costs 0.1 to 0.3 ms here (waking it, passing it the GIL).
+MIN_PARALLEL_MACS = 1 << 26
+
+
+class _Helpers:
+    """Threads that run :func:`parallel_ranges`'s chunks beside the calling thread.
+
+    Between jobs a helper spins on the job counter in a Numba loop that holds no GIL, for a few milliseconds, and only
+    then sleeps: the ops of a forward come a fraction of a millisecond apart, and waking a sleeping thread took 0.1 to
+    0.5 ms on this 2-core virtual machine (a ThreadPoolExecutor made a GELU over two threads slower than over one).
+    """
+
+    def __init__(self):
+        self.busy = threading.Lock()  # one job at a time; a second caller meanwhile runs its work alone
+        self.wakeup = threading.Condition()
+        self.generation = np.zeros(1, np.int64)  # the number of the current job
+        self.finished = np.zeros(0, np.int64)  # finished[i]: the last job helper i has finished
+        self.job = None  # (function, how many helpers take part)
+        self.errors = []
+
+    def run(self, job, helpers):
+        """``job()`` on the calling thread and on ``helpers`` helper threads at once; returns when all are done."""
+        from . import kernels
+
+        if len(self.finished) < helpers:
+            self._start(helpers)
+        self.job = (job, helpers)
+        generation = int(self.generation[0]) + 1
+        self.generation[0] = generation
+        with self.wakeup:
+            self.wakeup.notify_all()
+        try:
+            job()
+        finally:
+            for index in range(helpers):
+                while not kernels.spin_until(self.finished, index, generation, True, _SPINS):
+                    time.sleep(0.0001)  # a helper descheduled by the machine: stop burning the core meanwhile
+        if self.errors:
+            error = self.errors.pop()
+            self.errors.clear()
+            raise error
+
+    def _start(self, helpers):
+        first = len(self.finished)
+        self.finished = np.concatenate([self.finished, np.full(helpers - first, self.generation[0], np.int64)])
+        for index in range(first, helpers):
+            threading.Thread(target=self._loop, args=(index,), name=f"vitnp-{index}", daemon=True).start()
+
+    def _loop(self, index):
+        from . import kernels
+
+        seen = int(self.generation[0])
+        while True:
+            if not kernels.spin_until(self.generation, 0, seen, False, _SPINS):
+                with self.wakeup:
+                    while self.generation[0] == seen:
+                        self.wakeup.wait()
+            seen = int(self.generation[0])
+            job, helpers = self.job
+            if index < helpers:
+                try:
+                    job()
+                except BaseException as error:  # handed to the caller, which raises it
+                    self.errors.append(error)
+            self.finished[index] = seen
+
+
+_helpers = _Helpers()
+
+
+def parallel_ranges(work, total, macs):
+    """``work(begin, end)`` over ``range(total)``, in chunks that the threads take in turn until none is left.
+
+    About four chunks per thread, handed out as the threads become free, so a thread that the machine slows down
+    takes fewer of them. The calling thread works too. It is ``work(0, total)`` on the calling thread alone when the
+    whole work, ``macs`` multiply-adds or the equivalent, is below :data:`MIN_PARALLEL_MACS`; inside a chunk of
+    :func:`map_batch` (every thread busy already); with one thread or one chunk; and while another thread's
+    ``parallel_ranges`` has the helpers. ``work`` must release the GIL to run in parallel (the Numba kernels and the
+    BLAS do).
+    """
+    threads = get_num_threads()
+    chunk = -(-total // (4 * threads))
+    if (
+        macs < MIN_PARALLEL_MACS
+        or threads < 2
+        or chunk >= total
+        or getattr(_chunk, "running", False)
+        or not _helpers.busy.acquire(blocking=False)
+    ):
+        work(0, total)
+        return
+    starts = iter(range(0, total, chunk))
+    take = threading.Lock()
+
+    def take_chunks():
+        _chunk.running = True  # a parallel_ranges inside ``work`` runs inline
+        try:
+            while True:
+                with take:
+                    begin = next(starts, None)
+                if begin is None:
+                    return
+                work(begin, min(begin + chunk, total))
+        finally:
+            _chunk.running = False
+
+    try:
+        _helpers.run(take_chunks, threads - 1)
+    finally:
+        _helpers.busy.release()

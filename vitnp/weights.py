@@ -16,6 +16,7 @@ Keys stay as in the file; :mod:`vitnp.layouts` maps foreign layouts to vitnp's n
 
 import io
 import json
+import mmap
 import os
 import struct
 import zipfile
@@ -219,6 +220,21 @@ def _aligned(array):
     as long), so those few arrays are copied; :func:`save_npz` aligns every member, and its files map without copies.
     """
     return array if array.flags.aligned else array.copy()
+
+
+def release_mapped_pages(array):
+    """Drop this process's resident pages of the file mapping ``array`` views, if it views one (else nothing).
+
+    For a weight that has been repacked (:func:`vitnp.kernels.pack_linear_weight`): the forward reads only the packed
+    copy, so the mapped pages would only double the resident memory. The mapping stays valid; a later read of
+    ``array`` (``state_dict()``, saving) pages the data back in from the file.
+    """
+    base = array
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+        base = base.base
+    mapping = getattr(base, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
