@@ -209,3 +209,20 @@ def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everythin
     shared = model(x)
     monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 2**62)
     np.testing.assert_array_equal(shared, model(x))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_shares_work_out_with_its_own_helpers(share_everything):
+    import os
+
+    threads.parallel_ranges(lambda b, e: None, 8, macs=1)  # the parent's helpers are running
+    pid = os.fork()
+    if pid == 0:  # the child: its own helpers, or this would wait forever for the parent's
+        import signal
+
+        signal.alarm(20)  # a hang ends the child (killed by SIGALRM) instead of the test run
+        counts = np.zeros(64, np.int64)
+        threads.parallel_ranges(lambda b, e: counts.__setitem__(slice(b, e), counts[b:e] + 1), 64, macs=1)
+        os._exit(0 if (counts == 1).all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

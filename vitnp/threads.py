@@ -228,6 +228,19 @@ class _Helpers:
 _helpers = _Helpers()
 
 
+def _after_fork_in_child():
+    # A forked child has only the thread that forked: the parent's helpers and pool threads are not there (and a
+    # lock may have been held), so the child starts its own when it first needs them.
+    global _helpers, _pool, _lock
+    _helpers = _Helpers()
+    _pool = None
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def parallel_ranges(work, total, macs):
     """``work(begin, end)`` over ``range(total)``, in chunks that the threads take in turn until none is left.
 
