@@ -22,15 +22,16 @@ def packed_weight(module, name="weight"):
     packed copy would not see, fails loudly; the pages of a memory-mapped weight are released once it is packed.
     """
     weight = module._parameters[name]
-    cached = module.__dict__.get("_packed")
+    slot = f"_packed_{name}"
+    cached = module.__dict__.get(slot)
     if cached is None or cached[0] is not weight:
         with _packing_lock:  # a batch's chunks reach a new weight together: pack it once
-            cached = module.__dict__.get("_packed")
+            cached = module.__dict__.get(slot)
             if cached is None or cached[0] is not weight:
                 weight.flags.writeable = False
                 cached = (weight, kernels.pack_linear_weight(weight.reshape(weight.shape[0], -1)))
                 release_mapped_pages(weight)
-                object.__setattr__(module, "_packed", cached)
+                object.__setattr__(module, slot, cached)
     return cached[1]
 
 

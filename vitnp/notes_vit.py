@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels, ops
-from .layers import Identity, LayerNorm, Linear, activation
+from .layers import Identity, LayerNorm, Linear, activation, packed_weight
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -61,7 +61,8 @@ def _heads_attention(q, k, v, num_heads, scale):
 
 def _patch_conv(x, conv):
     """``conv(img).flatten(2).transpose(1, 2)`` for a Conv2d with kernel = stride: (B, C, H, W) -> (B, N, out)."""
-    return ops.patch_embed(x, conv.weight, conv.bias)
+    patches = ops.patchify(x, conv.weight.shape[-1])  # (B, N, C*p*p)
+    return kernels.linear(patches, packed_weight(conv), conv.bias)  # (B, N, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,8 +154,8 @@ class GeluGeluMLP(Module):
 
     def __call__(self, x):
         fc1, fc2 = getattr(self.net, "0"), getattr(self.net, "3")
-        x = activation("gelu", ops.linear(x, fc1.weight), fc1.bias)
-        return activation("gelu", ops.linear(x, fc2.weight), fc2.bias)
+        x = activation("gelu", fc1(x))
+        return activation("gelu", fc2(x))
 
 
 class PreNorm(Module):
@@ -290,7 +291,8 @@ class MultiheadAttention(Module):
 
     def __call__(self, x):
         B, N, D = x.shape
-        qkv = ops.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = kernels.linear(x, packed_weight(self, "in_proj_weight"), self.in_proj_bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         attn = (q * self.head_dim**-0.5) @ k.swapaxes(-2, -1)  # (B, heads, N, N)
         attn = kernels.softmax(attn, out=attn)
@@ -312,7 +314,7 @@ class TransformerEncoderLayer(Module):
 
     def __call__(self, x):
         x = x + self.self_attn(self.norm1(x))
-        h = activation("gelu", ops.linear(self.norm2(x), self.linear1.weight), self.linear1.bias)
+        h = activation("gelu", self.linear1(self.norm2(x)))
         return x + self.linear2(h)
 
 
@@ -413,7 +415,7 @@ class LucidrainsFeedForward(Module):
 
     def __call__(self, x):
         norm, fc1, fc2 = (getattr(self.net, i) for i in ("0", "1", "4"))
-        x = activation("gelu", ops.linear(norm(x), fc1.weight), fc1.bias)
+        x = activation("gelu", fc1(norm(x)))
         return fc2(x)
 
 
