@@ -85,6 +85,7 @@ class Conv2d(Module):
     def __call__(self, x, weight=None):
         """Convolve with the conv's own weight, or with ``weight`` (a BatchNorm-folded copy of it)."""
         weight = self.weight if weight is None else weight
+        weight = np.require(weight, requirements="A")  # the BLAS wants it aligned (np.savez maps it at any offset)
         if self.kernel_size == 1 and self.stride == 1 and self.groups == 1:
             return ops.conv1x1(x, weight)
         if self.depthwise:

@@ -128,7 +128,7 @@ def _read_member(path, archive, info):
     if data_offset + expected > os.path.getsize(path):
         raise WeightsFileError(f"{path}: entry {_key(info.filename)!r} runs past the end of the file (truncated)")
     mapped = np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran_order else "C")
-    return _aligned(np.asarray(mapped))  # a plain read-only ndarray view of the mapping
+    return np.asarray(mapped)  # a plain read-only ndarray view of the mapping, aligned or not
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,17 +209,7 @@ def _safetensors_tensor(path, name, info, mapped, data_start):
     if data_start + end > mapped.size:
         raise WeightsFileError(f"{path}: tensor {name!r} runs past the end of the file (truncated)")
     values = np.frombuffer(mapped, dtype=dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
-    return bfloat16_to_float32(values) if code == "BF16" else _aligned(values)
-
-
-def _aligned(array):
-    """``array`` itself when its data is aligned for its dtype, else an aligned copy.
-
-    A mapped array starts wherever the file put it; ``np.savez`` places members at any byte offset. NumPy hands only
-    aligned arrays to the BLAS (an unaligned weight sends ``matmul`` to its own loops: vit_base's forward took 1.9x
-    as long), so those few arrays are copied; :func:`save_npz` aligns every member, and its files map without copies.
-    """
-    return array if array.flags.aligned else array.copy()
+    return bfloat16_to_float32(values) if code == "BF16" else values
 
 
 def release_mapped_pages(array):
@@ -355,7 +345,8 @@ def save_npz(path, state_dict, config=None):
 
     Same format as ``np.savez`` (NumPy reads it as usual), with every array's data placed at a multiple of
     :data:`NPZ_ALIGNMENT` bytes in the file (padding in each member's zip "extra" field), so that the mapped arrays
-    are aligned and none is copied at load. ``config`` (constructor arguments, ``labels``) goes into the
+    are aligned (``np.savez`` places them at any offset: they map as well, but NumPy's BLAS and ufuncs take slower
+    paths on unaligned data). ``config`` (constructor arguments, ``labels``) goes into the
     :data:`CONFIG_KEY` entry as JSON, so that ``create_model(name, weights=path)`` rebuilds the model the weights
     were exported from.
     """
