@@ -226,3 +226,16 @@ def test_a_forked_child_shares_work_out_with_its_own_helpers(share_everything):
         os._exit(0 if (counts == 1).all() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_an_error_on_both_threads_is_raised_once_and_not_left_for_the_next_call(share_everything):
+    barrier = threading.Barrier(2, timeout=10)
+
+    def both_fail(begin, end):
+        if begin < 2:
+            barrier.wait()  # the two threads each take one of the first chunks, then both raise
+            raise RuntimeError(f"chunk {begin}")
+
+    with pytest.raises(RuntimeError, match="chunk"):
+        threads.parallel_ranges(both_fail, 8, macs=1)
+    threads.parallel_ranges(lambda begin, end: None, 8, macs=1)  # nothing stale is raised here
