@@ -564,12 +564,10 @@ def report(mark):  # peak RSS so far, MiB: VmHWM starts afresh at exec (ru_maxrs
 
 def measure_memory(model_name, state_dict, onnx_path, n_threads, workdir):
     """Peak RSS (MiB) of a fresh interpreter per engine: after its imports, and after one batch-1 forward."""
-    import numpy as np
-
     from vitnp.weights import save_npz
 
     npz_path = os.path.join(workdir, f"{model_name}.npz")
-    save_npz(npz_path, state_dict)  # as `vitnp export` writes it: every array aligned, so all of them map without a copy
+    save_npz(npz_path, state_dict)  # as `vitnp export` writes it: every array aligned and memory-mapped
     results = {"weights_mib": os.path.getsize(npz_path) / 2**20}
     for engine in ENGINES:
         code = _MEMORY_PRELUDE + _MEMORY_CODE[engine.name] + "report('forward')\nprint(json.dumps(marks))\n"

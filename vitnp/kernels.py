@@ -618,17 +618,6 @@ def _element_pointer(context, builder, array_type, array, index):
 
 
 @intrinsic
-def _vzero(typingctx, array):
-    """A vector of zeros of ``array``'s dtype."""
-    vector = _Vector(array.dtype)
-
-    def codegen(context, builder, signature, args):
-        return llvmlite.ir.Constant(context.get_value_type(vector), None)
-
-    return vector(array), codegen
-
-
-@intrinsic
 def _vload(typingctx, array, index):
     """The vector ``array[index : index + lanes]``."""
     vector = _Vector(array.dtype)
@@ -672,23 +661,14 @@ def _vfma(typingctx, a, b, c):
 
 
 @intrinsic
-def _vadd(typingctx, a, b):
-    """``a + b`` lane by lane."""
-
-    def codegen(context, builder, signature, args):
-        return builder.fadd(*args)
-
-    return a(a, b), codegen
-
-
-@intrinsic
 def _vstore(typingctx, array, index, vector):
     """``array[index : index + lanes] = vector``."""
 
     def codegen(context, builder, signature, args):
         array_value, index_value, vector_value = args
         pointer = _element_pointer(context, builder, signature.args[0], array_value, index_value)
-        builder.store(vector_value, builder.bitcast(pointer, vector_value.type.as_pointer()), align=vector.dtype.bitwidth // 8)
+        vector_pointer = builder.bitcast(pointer, vector_value.type.as_pointer())
+        builder.store(vector_value, vector_pointer, align=vector.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return numba.types.void(array, index, vector), codegen
@@ -828,7 +808,9 @@ def linear(x, packed, bias=None):
     if x.dtype != panels.dtype:
         raise ValueError(f"linear: input dtype {x.dtype} differs from the weight's {panels.dtype}")
     if x.shape[-1] != panels.shape[1]:
-        raise ValueError(f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}")
+        raise ValueError(
+            f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}"
+        )
     y = _gemm(_rows(x), panels, out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
