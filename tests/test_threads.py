@@ -146,14 +146,27 @@ def test_parallel_ranges_covers_every_item_once(share_everything, total):
     np.testing.assert_array_equal(counts, 1)
 
 
+def _first_two_chunks():
+    """A function that is True for the first two chunks it is asked about (in whichever threads), then False."""
+    lock, seen = threading.Lock(), []
+
+    def first_two(begin):
+        with lock:
+            seen.append(begin)
+            return len(seen) <= 2
+
+    return first_two
+
+
 def test_parallel_ranges_uses_a_second_thread_and_raises_its_errors(share_everything):
     started = threading.Barrier(2, timeout=10)  # passes only if two threads run chunks at the same time
+    first_two = _first_two_chunks()
 
     def work(begin, end):
-        if begin < 2:
+        if first_two(begin):  # each thread's first chunk: the two meet here, or the barrier times out
             started.wait()
 
-    threads.parallel_ranges(work, 8, macs=1)  # chunks of 1: items 0 and 1 go to the two threads first
+    threads.parallel_ranges(work, 8, macs=1)
 
     def failing(begin, end):
         if begin == 7:
@@ -230,9 +243,10 @@ def test_a_forked_child_shares_work_out_with_its_own_helpers(share_everything):
 
 def test_an_error_on_both_threads_is_raised_once_and_not_left_for_the_next_call(share_everything):
     barrier = threading.Barrier(2, timeout=10)
+    first_two = _first_two_chunks()
 
     def both_fail(begin, end):
-        if begin < 2:
+        if first_two(begin):
             barrier.wait()  # the two threads each take one of the first chunks, then both raise
             raise RuntimeError(f"chunk {begin}")
 

@@ -244,36 +244,44 @@ if hasattr(os, "register_at_fork"):
 def parallel_ranges(work, total, macs):
     """``work(begin, end)`` over ``range(total)``, in chunks that the threads take in turn until none is left.
 
-    About four chunks per thread, handed out as the threads become free, so a thread that the machine slows down
-    takes fewer of them. The calling thread works too. It is ``work(0, total)`` on the calling thread alone when the
-    whole work, ``macs`` multiply-adds or the equivalent, is below :data:`MIN_PARALLEL_MACS`; inside a chunk of
-    :func:`map_batch` (every thread busy already); with one thread or one chunk; and while another thread's
-    ``parallel_ranges`` has the helpers. ``work`` must release the GIL to run in parallel (the Numba kernels and the
-    BLAS do).
+    The chunks shrink as the work runs out and go to the threads as they become free, so a thread that the machine
+    slows down takes fewer of them. The calling thread works too. It is ``work(0, total)`` on the calling thread
+    alone when the whole work, ``macs`` multiply-adds or the equivalent, is below :data:`MIN_PARALLEL_MACS`; inside
+    a chunk of :func:`map_batch` (every thread busy already); with one thread or one item; and while another
+    thread's ``parallel_ranges`` has the helpers. ``work`` must release the GIL to run in parallel (the Numba kernels
+    and the BLAS do).
     """
     threads = get_num_threads()
-    chunk = -(-total // (4 * threads))
     if (
         macs < MIN_PARALLEL_MACS
         or threads < 2
-        or chunk >= total
+        or total < 2
         or getattr(_chunk, "running", False)
         or not _helpers.busy.acquire(blocking=False)
     ):
         work(0, total)
         return
-    starts = iter(range(0, total, chunk))
+    taken = 0  # items handed out so far
     take = threading.Lock()
+
+    def next_chunk():
+        # Each chunk is a 1 / (2 * threads) share of what is left: big at first (few hand-offs), small at the end
+        # (no thread waits long for another's last chunk). Against four equal chunks per thread: 0.98-0.99 of the
+        # time on ViT-B's batch-1 GEMMs, within this machine's noise (two runs of one setting differed by 8%).
+        nonlocal taken
+        with take:
+            begin = taken
+            taken = min(total, begin + max(1, (total - begin) // (2 * threads)))
+        return begin, taken
 
     def take_chunks():
         _chunk.running = True  # a parallel_ranges inside ``work`` runs inline
         try:
             while True:
-                with take:
-                    begin = next(starts, None)
-                if begin is None:
+                begin, end = next_chunk()
+                if begin == end:
                     return
-                work(begin, min(begin + chunk, total))
+                work(begin, end)
         finally:
             _chunk.running = False
 
