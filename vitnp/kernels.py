@@ -573,7 +573,6 @@ def channel_affine(x, scale, shift, act="none", out=None):
     return y3.reshape(x.shape)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Linear: y = x W^T + b, a GEMM on weights packed once
 #
@@ -745,42 +744,6 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
                     _vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
 
 
-@_jit
-def _pack_columns(b, panels):
-    # panels[p, k, c] = b[k, p * width + c], 0 past b's last column; b (depth, columns) of any strides.
-    depth, columns = b.shape
-    n_panels, _, width = panels.shape
-    for p in range(n_panels):
-        for k in range(depth):
-            for c in range(width):
-                column = p * width + c
-                panels[p, k, c] = b[k, column] if column < columns else 0.0
-
-
-def _panel_width(dtype):
-    return 2 * (_VECTOR_BYTES // np.dtype(dtype).itemsize)
-
-
-def _gemm(a, panels, columns, bias=None):
-    """a @ B (+ bias per column): a (rows, depth) C-contiguous, B (depth, columns) in ``panels``. The panels are
-    shared out between threads when the product is big enough to pay for it."""
-    rows, depth = a.shape
-    n_panels, _, width = panels.shape
-    padded_bias = np.zeros(n_panels * width, a.dtype)
-    if bias is not None:
-        padded_bias[:columns] = bias
-    y = np.empty((rows, n_panels * width), a.dtype)
-    block_rows = max(6, _L2_ROWS_BYTES // (depth * a.itemsize) // 6 * 6)
-
-    def panels_range(begin, end):
-        _gemm_panels(a, panels, padded_bias, y, begin, end, block_rows)
-
-    threads.parallel_ranges(panels_range, n_panels, rows * depth * columns)
-    if y.shape[1] != columns:  # the last panel is cut short: drop its padding columns
-        y = np.ascontiguousarray(y[:, :columns])
-    return y
-
-
 class PackedWeight(NamedTuple):
     """A Linear weight (out, in) in the panel layout :func:`linear` reads, made by :func:`pack_linear_weight`."""
 
@@ -794,15 +757,18 @@ def pack_linear_weight(weight):
     if weight.ndim != 2 or weight.dtype not in (np.float32, np.float64):
         raise ValueError(f"expected a float32 or float64 weight of shape (out, in), got {weight.dtype} {weight.shape}")
     out_features, in_features = weight.shape
-    width = _panel_width(weight.dtype)
-    panels = np.empty((-(-out_features // width), in_features, width), weight.dtype)
-    _pack_columns(weight.T, panels)  # (n_panels, in, width)
-    return PackedWeight(panels, out_features)
+    width = 2 * (_VECTOR_BYTES // weight.itemsize)
+    n_panels = -(-out_features // width)
+    padded = np.zeros((n_panels * width, in_features), weight.dtype)
+    padded[:out_features] = weight
+    panels = padded.reshape(n_panels, width, in_features).transpose(0, 2, 1)  # (n_panels, in, width) view
+    return PackedWeight(np.ascontiguousarray(panels), out_features)
 
 
 def linear(x, packed, bias=None):
     """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
     :func:`pack_linear_weight`. Each output is one chain of fused multiply-adds in k order, starting from the bias.
+    The panels are shared out between threads when the product is big enough to pay for it.
     """
     panels, out_features = packed
     if x.dtype != panels.dtype:
@@ -811,7 +777,21 @@ def linear(x, packed, bias=None):
         raise ValueError(
             f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}"
         )
-    y = _gemm(_rows(x), panels, out_features, bias)
+    x2 = _rows(x)
+    rows, depth = x2.shape
+    n_panels, _, width = panels.shape
+    padded_bias = np.zeros(n_panels * width, x.dtype)
+    if bias is not None:
+        padded_bias[:out_features] = bias
+    y = np.empty((rows, n_panels * width), x.dtype)
+    block_rows = max(6, _L2_ROWS_BYTES // (depth * x.itemsize) // 6 * 6)
+
+    def panels_range(begin, end):
+        _gemm_panels(x2, panels, padded_bias, y, begin, end, block_rows)
+
+    threads.parallel_ranges(panels_range, n_panels, rows * depth * out_features)
+    if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
+        y = np.ascontiguousarray(y[:, :out_features])
     return y.reshape(*x.shape[:-1], out_features)
 
 
