@@ -6,12 +6,13 @@ its blocking by the number of rows), and the BLAS's thread count must come back 
 
 import threading
 
+import numba
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 import vitnp
-from tolerances import assert_close
-from vitnp import threads
+from vitnp import kernels, threads
 
 
 @pytest.fixture
@@ -126,8 +127,9 @@ def test_a_batch_split_across_threads_equals_the_images_alone(restore_threads, n
 
 @pytest.fixture
 def share_everything(monkeypatch, restore_threads):
-    """Two threads, and every op shared out between them however small (the size threshold set to 0)."""
+    """Two threads, and every op shared out between them however small (the size thresholds set to 0)."""
     monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 0)
+    monkeypatch.setattr(threads, "MIN_SHARED_MACS", 0)
     vitnp.set_num_threads(2)
 
 
@@ -221,6 +223,7 @@ def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everythin
     x = np.random.default_rng(1).standard_normal((1, 3, *model.img_size)).astype(np.float32)
     shared = model(x)
     monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 2**62)
+    monkeypatch.setattr(threads, "MIN_SHARED_MACS", 2**62)
     np.testing.assert_array_equal(shared, model(x))
 
 
@@ -253,3 +256,84 @@ def test_an_error_on_both_threads_is_raised_once_and_not_left_for_the_next_call(
     with pytest.raises(RuntimeError, match="chunk"):
         threads.parallel_ranges(both_fail, 8, macs=1)
     threads.parallel_ranges(lambda begin, end: None, 8, macs=1)  # nothing stale is raised here
+
+
+# Shared Numba kernels (threads.run_shared): the chunks are taken inside compiled code, without the GIL.
+
+
+@numba.njit(nogil=True)
+def _count_items(counts, chunks, schedule, job):
+    begin, end = kernels.take_chunk(schedule, job)
+    while begin < end:
+        chunks[begin] = end  # each chunk's start: where it ends (the chunks are disjoint, so no two threads race)
+        for i in range(begin, end):
+            counts[i] += 1
+        begin, end = kernels.take_chunk(schedule, 0)
+
+
+@numba.njit(nogil=True)
+def _first_chunk_waits_for_another_thread(met, spins, schedule, job):
+    begin, end = kernels.take_chunk(schedule, job)
+    if begin == 0:  # the first chunk's thread holds on to it until another thread has taken the next chunk
+        for _ in range(spins):
+            if kernels._load_acquire(schedule, kernels.NEXT) != end:
+                met[0] = 1
+                break
+    while begin < end:
+        begin, end = kernels.take_chunk(schedule, 0)
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 64, 1000])
+def test_run_shared_covers_every_item_once(share_everything, total):
+    counts, chunks = np.zeros(total, np.int64), np.zeros(total, np.int64)
+    threads.run_shared(_count_items, (counts, chunks), total, macs=1)
+    np.testing.assert_array_equal(counts, 1)
+    starts = np.flatnonzero(chunks)
+    assert starts[0] == 0 and (chunks[starts[:-1]] == starts[1:]).all() and chunks[starts[-1]] == total
+
+
+def test_run_shared_runs_on_a_second_thread(share_everything):
+    met = np.zeros(1, np.int64)
+    threads.run_shared(_first_chunk_waits_for_another_thread, (met, 1 << 31), 8, macs=1)
+    assert met[0] == 1  # alone, the first chunk's thread would have given up after 2^31 reads
+
+
+def test_run_shared_runs_alone_in_one_chunk_when_small_or_nested(restore_threads):
+    vitnp.set_num_threads(2)
+    counts, chunks = np.zeros(100, np.int64), np.zeros(100, np.int64)
+    threads.run_shared(_count_items, (counts, chunks), 100, macs=threads.MIN_SHARED_MACS - 1)
+    assert list(np.flatnonzero(chunks)) == [0] and chunks[0] == 100  # below the threshold: one chunk, all of it
+    inner = []
+
+    def outer(begin, end):
+        counts, chunks = np.zeros(10, np.int64), np.zeros(10, np.int64)
+        threads.run_shared(_count_items, (counts, chunks), 10, macs=threads.MIN_SHARED_MACS)
+        inner.append(np.flatnonzero(chunks).tolist())
+
+    threads.parallel_ranges(outer, 4, macs=threads.MIN_PARALLEL_MACS)
+    assert inner == [[0]] * 4  # inside a chunk of parallel_ranges: alone, one chunk
+
+
+def test_run_shared_raises_a_failed_call_once_and_the_helpers_still_work(share_everything):
+    with pytest.raises(numba.core.errors.TypingError):
+        threads.run_shared(_count_items, ("not an array", None), 8, macs=1)  # fails on every thread, before any chunk
+    counts, chunks = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    threads.run_shared(_count_items, (counts, chunks), 8, macs=1)  # nothing stale is raised, every item done once
+    np.testing.assert_array_equal(counts, 1)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_shared_kernels_with_its_own_helpers(share_everything):
+    import os
+
+    threads.run_shared(_count_items, (np.zeros(8, np.int64), np.zeros(8, np.int64)), 8, macs=1)  # parent's helpers
+    pid = os.fork()
+    if pid == 0:
+        import signal
+
+        signal.alarm(20)
+        met = np.zeros(1, np.int64)
+        threads.run_shared(_first_chunk_waits_for_another_thread, (met, 1 << 31), 8, macs=1)
+        os._exit(0 if met[0] == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

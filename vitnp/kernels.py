@@ -35,8 +35,8 @@ _EXP_MAX = np.float32(89.0)
 # loops that divide (Python's error model branches on every divisor).
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # One value of LayerNorm, GELU or softmax costs about as much time as this many multiply-adds of a GEMM (for
-# vitnp.threads.parallel_ranges's decision whether a kernel is worth sharing out between threads).
-_MACS_PER_VALUE = 128
+# vitnp.threads.run_shared's decision whether a kernel is worth sharing out between threads).
+MACS_PER_VALUE = 128
 
 
 def set_num_threads(n):
@@ -76,6 +76,23 @@ def _float32_from_bits(typingctx, bits):
     return numba.types.float32(numba.types.int32), codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (IEEE fused multiply-add), for three floats of one type. In a loop LLVM vectorises
+    it to the vector FMA instruction; without it, strict IEEE order keeps a multiply and an add apart."""
+    if not (isinstance(a, numba.types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value_type = args[0].type
+        fma = cgutils.get_or_insert_function(
+            builder.module, llvmlite.ir.FunctionType(value_type, [value_type] * 3), f"llvm.fma.f{a.bitwidth}"
+        )
+        return builder.call(fma, list(args))
+
+    return a(a, b, c), codegen
+
+
 def _exp(x, dtype):
     """exp(x) to the precision of ``dtype``, inside a kernel (Numba compiles the overload below)."""
     return math.exp(x)
@@ -99,8 +116,8 @@ def _exp_for_dtype(x, dtype):
             x = _EXP_MAX
         n = np.floor(x * _LOG2E_F32 + np.float32(0.5))
         r = (x - n * _LN2_HI) - n * _LN2_LO
-        exp_r = np.float32(1.0) + r * (np.float32(1.0) + r * (_INV_FACT[2] + r * (_INV_FACT[3] + r * (
-            _INV_FACT[4] + r * (_INV_FACT[5] + r * (_INV_FACT[6] + r * _INV_FACT[7]))))))
+        c0, c1, c2, c3, c4, c5, c6, c7 = _INV_FACT
+        exp_r = _fma(_fma(_fma(_fma(_fma(_fma(_fma(c7, r, c6), r, c5), r, c4), r, c3), r, c2), r, c1), r, c0)  # Horner
         n1 = np.int32(n) >> 1
         n2 = np.int32(n) - n1
         return exp_r * _float32_from_bits((n1 + 127) << 23) * _float32_from_bits((n2 + 127) << 23)
@@ -136,8 +153,8 @@ def _erf_for_dtype(z, dtype):
         t = z * z
         p0, p1, p2, p3, p4, p5, p6 = _ERF_P
         q0, q1, q2, q3, q4, q5 = _ERF_Q
-        p = p0 + t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * (p5 + t * p6)))))
-        q = q0 + t * (q1 + t * (q2 + t * (q3 + t * (q4 + t * q5))))
+        p = _fma(_fma(_fma(_fma(_fma(_fma(p6, t, p5), t, p4), t, p3), t, p2), t, p1), t, p0)  # Horner, fused
+        q = _fma(_fma(_fma(_fma(_fma(q5, t, q4), t, q3), t, q2), t, q1), t, q0)
         erf = z * p / q
         if z >= 4.0:
             erf = 1.0
@@ -185,12 +202,120 @@ def _sum_squares_lanes(a):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# A kernel's work shared between threads, without the GIL (vitnp.threads starts and wakes the threads)
+#
+# A shared kernel is a loop over chunks of its rows (or GEMM panels) that it takes from a schedule until none is left:
+# the calling thread and vitnp.threads' helper threads run the same kernel on the same arrays at once, and a chunk goes
+# to whichever thread asks first. The schedule is a small int64 array the threads read and update atomically; its
+# slots are named below. The calling thread announces the job from inside the kernel, where it no longer holds the
+# GIL, and a helper marks a job finished from inside its waiting loop, where it no longer holds it either: so no
+# thread ever waits for the GIL in a hand-off. (Handed over through the GIL, a chunk per Python call, a 1.2 ms GELU
+# took 1.1-1.3 ms on two threads instead of 0.6-0.8: a thread that waits for the GIL sleeps, and waking a sleeping
+# thread costs 0.1-0.5 ms on this 2-core virtual machine.)
+# ---------------------------------------------------------------------------------------------------------------------
+
+JOB = 0  # schedule[JOB]: the number of the job being run (announced by the calling thread)
+NEXT = 1  # schedule[NEXT]: the first item no thread has taken yet
+TOTAL = 2  # schedule[TOTAL]: the number of items
+THREADS = 3  # schedule[THREADS]: how many threads take part
+FINISHED = 4  # schedule[FINISHED + i]: the last job helper i has finished
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    """Address of element ``index`` of a 1-D C-contiguous array (no bounds check, no negative wrap-around)."""
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
+@intrinsic
+def _load_acquire(typingctx, array, index):
+    """``array[index]`` read from memory on every call (an atomic acquire load): another thread may change it."""
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], *args)
+        return builder.load_atomic(pointer, "acquire", array.dtype.bitwidth // 8)
+
+    return array.dtype(array, index), codegen
+
+
+@intrinsic
+def _store_release(typingctx, array, index, value):
+    """``array[index] = value`` as an atomic release store: what this thread wrote before is visible with it."""
+
+    def codegen(context, builder, signature, args):
+        array_value, index_value, value_value = args
+        pointer = _element_pointer(context, builder, signature.args[0], array_value, index_value)
+        builder.store_atomic(value_value, pointer, "release", array.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return numba.types.void(array, index, array.dtype), codegen
+
+
+@intrinsic
+def _compare_exchange(typingctx, array, index, expected, new):
+    """Atomically: if ``array[index] == expected``, set it to ``new`` and return True; else change nothing, False."""
+
+    def codegen(context, builder, signature, args):
+        array_value, index_value, expected_value, new_value = args
+        pointer = _element_pointer(context, builder, signature.args[0], array_value, index_value)
+        swapped = builder.extract_value(builder.cmpxchg(pointer, expected_value, new_value, "acq_rel", "acquire"), 1)
+        return context.cast(builder, swapped, numba.types.boolean, numba.types.boolean)
+
+    return numba.types.boolean(array, index, array.dtype, array.dtype), codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def take_chunk(schedule, job):
+    """The next chunk (begin, end) of the schedule's items for this thread; (total, total) when none is left. A
+    nonzero ``job`` is announced first (the calling thread's first chunk of a job it has not announced yet).
+
+    Each chunk is a 1 / (2 * threads) share of what is left, at least one item: big at first (few claims), small at
+    the end (no thread waits long for another's last chunk), and a thread the machine slows down takes fewer of them.
+    With one thread it is the whole range at once.
+    """
+    if job:
+        _store_release(schedule, JOB, job)
+    total = schedule[TOTAL]
+    parts = 2 * schedule[THREADS]
+    while True:
+        begin = _load_acquire(schedule, NEXT)
+        if begin >= total:
+            return total, total
+        end = total if parts <= 2 else min(total, begin + max(1, (total - begin) // parts))
+        if _compare_exchange(schedule, NEXT, begin, end):
+            return begin, end
+
+
+@_jit
+def finish_and_wait(schedule, helper, job, spins):
+    """For helper ``helper``: mark ``job`` finished, then spin (without the GIL) until another job is announced; False
+    after ``spins`` reads without one. Spinning for a fraction of a millisecond costs less than sleeping and being
+    woken on a virtual machine, and the ops of a forward come that close together."""
+    _store_release(schedule, FINISHED + helper, job)
+    for _ in range(spins):
+        if _load_acquire(schedule, JOB) != job:
+            return True
+    return False
+
+
+@_jit
+def wait_finished(schedule, helpers, job, spins):
+    """For the calling thread: spin (without the GIL) until helpers 0 .. ``helpers`` - 1 have finished ``job``; False
+    after ``spins`` rounds of reads without it."""
+    for _ in range(spins):
+        finished = True
+        for helper in range(helpers):
+            if _load_acquire(schedule, FINISHED + helper) != job:
+                finished = False
+        if finished:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # ViT: LayerNorm, GELU, softmax
 #
-# Serial on purpose: they run between two multi-threaded BLAS calls, whose worker thread keeps spinning on the other
-# core after each call. Parallel (prange) versions made vit_base's forward slower on 2 cores, up to 3x at batch 1
-# (Numba's threads and OpenBLAS's fighting for the cores, see benchmarks/README.md); vectorised and serial they
-# cost a few percent of the forward.
+# Each ``_<op>_rows`` kernel computes the op on a block of rows; its ``_<op>_shared`` twin runs it on the chunks of
+# rows this thread takes (:func:`take_chunk`), and :func:`_share_rows` hands that to the threads.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -214,10 +339,10 @@ def _rows_to_update(x2, out):
     return out2
 
 
-def _over_rows(kernel, y2):
-    """``kernel(begin, end)`` over the rows of the (rows, C) array ``y2``, shared out between threads when it has
-    enough values to pay for it (:func:`vitnp.threads.parallel_ranges`)."""
-    threads.parallel_ranges(kernel, y2.shape[0], y2.size * _MACS_PER_VALUE)
+def _share_rows(shared_kernel, arguments, y2):
+    """``shared_kernel(*arguments, schedule, job)`` over the rows of the (rows, C) result ``y2``, shared out between
+    threads when it has enough values to pay for it (:func:`vitnp.threads.run_shared`)."""
+    threads.run_shared(shared_kernel, arguments, y2.shape[0], y2.size * MACS_PER_VALUE)
 
 
 def _result(y2, shape, out):
@@ -252,8 +377,16 @@ def layer_norm(x, weight, bias, eps, out=None):
     """
     x2 = _rows(x)
     y2 = out.reshape(x2.shape) if out is not None and out.flags.c_contiguous else np.empty_like(x2)
-    _over_rows(lambda begin, end: _layer_norm_rows(x2[begin:end], weight, bias, eps, y2[begin:end]), y2)
+    _share_rows(_layer_norm_shared, (x2, weight, bias, eps, y2), y2)
     return _result(y2, x.shape, out)
+
+
+@_jit
+def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _layer_norm_rows(x[begin:end], weight, bias, eps, out[begin:end])
+        begin, end = take_chunk(schedule, 0)
 
 
 @_jit
@@ -289,9 +422,24 @@ def gelu(x, approximate="none", bias=None, out=None):
     if bias is None:
         bias = np.zeros(x2.shape[1], dtype=x2.dtype)
     y2 = _rows_to_update(x2, out)
-    kernel = _gelu_erf_rows if approximate == "none" else _gelu_tanh_rows
-    _over_rows(lambda begin, end: kernel(y2[begin:end], bias), y2)
+    _share_rows(_gelu_erf_shared if approximate == "none" else _gelu_tanh_shared, (y2, bias), y2)
     return _result(y2, x.shape, out)
+
+
+@_jit
+def _gelu_erf_shared(x, bias, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _gelu_erf_rows(x[begin:end], bias)
+        begin, end = take_chunk(schedule, 0)
+
+
+@_jit
+def _gelu_tanh_shared(x, bias, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _gelu_tanh_rows(x[begin:end], bias)
+        begin, end = take_chunk(schedule, 0)
 
 
 @_jit
@@ -314,8 +462,16 @@ def softmax(x, out=None):
     """Softmax over the last axis: ``torch.softmax(x, dim=-1)``. ``out`` may be ``x`` for an in-place update."""
     x2 = _rows(x)
     y2 = _rows_to_update(x2, out)
-    _over_rows(lambda begin, end: _softmax_rows(y2[begin:end]), y2)
+    _share_rows(_softmax_shared, (y2,), y2)
     return _result(y2, x.shape, out)
+
+
+@_jit
+def _softmax_shared(x, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _softmax_rows(x[begin:end])
+        begin, end = take_chunk(schedule, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,7 +739,7 @@ def channel_affine(x, scale, shift, act="none", out=None):
 # loads the panel's two weight vectors, broadcasts the 6 inputs x[i, k] in turn and accumulates their products in 12
 # vector registers with fused multiply-adds, starting from the bias, in k order. The accumulators stay in registers
 # over the whole depth and are stored once. The panels are shared out between threads
-# (:func:`vitnp.threads.parallel_ranges`); inside a chunk of a batch split across threads the product is serial.
+# (:func:`take_chunk`); inside a chunk of a batch split across threads the product is serial.
 # Blocking k as well (the panel's block in L1) measured slower here: the partial sums' extra passes cost more.
 #
 # Numba has no vector type; the few LLVM vector operations the micro-kernel needs are intrinsics over a type of our
@@ -609,11 +765,6 @@ class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         element = llvmlite.ir.FloatType() if fe_type.dtype == numba.types.float32 else llvmlite.ir.DoubleType()
         super().__init__(dmm, fe_type, llvmlite.ir.VectorType(element, fe_type.lanes))
-
-
-def _element_pointer(context, builder, array_type, array, index):
-    """Address of element ``index`` of a 1-D C-contiguous array (no bounds check, no negative wrap-around)."""
-    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
 
 
 @intrinsic
@@ -744,6 +895,14 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
                     _vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
 
 
+@_jit
+def _gemm_shared(x, panels, bias, y, block_rows, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _gemm_panels(x, panels, bias, y, begin, end, block_rows)
+        begin, end = take_chunk(schedule, 0)
+
+
 class PackedWeight(NamedTuple):
     """A Linear weight (out, in) in the panel layout :func:`linear` reads, made by :func:`pack_linear_weight`."""
 
@@ -786,37 +945,7 @@ def linear(x, packed, bias=None):
     y = np.empty((rows, n_panels * width), x.dtype)
     block_rows = max(6, _L2_ROWS_BYTES // (depth * x.itemsize) // 6 * 6)
 
-    def panels_range(begin, end):
-        _gemm_panels(x2, panels, padded_bias, y, begin, end, block_rows)
-
-    threads.parallel_ranges(panels_range, n_panels, rows * depth * out_features)
+    threads.run_shared(_gemm_shared, (x2, panels, padded_bias, y, block_rows), n_panels, rows * depth * out_features)
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
         y = np.ascontiguousarray(y[:, :out_features])
     return y.reshape(*x.shape[:-1], out_features)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Waiting for another thread without the GIL (vitnp.threads' helpers)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@intrinsic
-def _load_acquire(typingctx, array, index):
-    """``array[index]`` read from memory on every call (an atomic acquire load): another thread may change it."""
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], *args)
-        return builder.load_atomic(pointer, "acquire", array.dtype.bitwidth // 8)
-
-    return array.dtype(array, index), codegen
-
-
-@_jit
-def spin_until(flags, index, value, equal, spins):
-    """Spin (without the GIL) until ``flags[index] == value`` (``equal``) or ``!= value``; False after ``spins``
-    reads without it. For hand-offs between threads that take microseconds, where sleeping and being woken costs a
-    hundred or more on a virtual machine."""
-    for _ in range(spins):
-        if (_load_acquire(flags, index) == value) == equal:
-            return True
-    return False

@@ -122,8 +122,14 @@ class Attention(Module):
             with threads.single_threaded():
                 np.matmul(attn, v[:, first:end], out=heads[:, first:end])  # attn @ v, straight into x's columns
 
-        threads.parallel_ranges(attend, self.num_heads, 2 * B * N * N * C)  # q k^T and attn v
+        threads.parallel_ranges(attend, self.num_heads, attention_macs(B * self.num_heads, N, self.head_dim))
         return self.proj(x)
+
+
+def attention_macs(heads, N, head_dim):
+    """The work of softmax(q k^T) v over ``heads`` heads of N tokens, in multiply-adds or the equivalent (for
+    :func:`vitnp.threads.parallel_ranges`): the two products and the softmax."""
+    return heads * N * N * (2 * head_dim + kernels.MACS_PER_VALUE)
 
 
 class Mlp(Module):
@@ -168,4 +174,4 @@ class Block(Module):
         return x
 
 
-__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation"]
+__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation", "attention_macs"]

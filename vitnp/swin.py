@@ -126,7 +126,7 @@ class WindowAttention(Module):
             with threads.single_threaded():
                 np.matmul(attn, v[first:end], out=x[first:end].transpose(0, 2, 1, 3))  # attn @ v, stored heads-last
 
-        threads.parallel_ranges(attend, B_, 2 * B_ * N * N * C)  # q k^T and attn v
+        threads.parallel_ranges(attend, B_, layers.attention_macs(B_ * self.num_heads, N, self.head_dim))
         return self.proj(x.reshape(B_, N, C))
 
 

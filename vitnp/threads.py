@@ -2,11 +2,13 @@
 
 Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
 
-- **One image**: the work of each op is cut into chunks that the threads take in turn (:func:`parallel_ranges`):
-  the output columns of every Linear (vitnp's own GEMM, :func:`vitnp.kernels.linear`), the heads of attention,
-  the rows of LayerNorm, GELU and softmax. The BLAS only multiplies attention's small per-head matrices (197 x 64
-  by 64 x 197 for ViT-B/16), on one thread per chunk of heads (:func:`single_threaded`): split inside the BLAS,
-  each of those small products cost more in synchronisation than it saved.
+- **One image**: the work of each op is cut into chunks that the threads take in turn. A Numba kernel takes its
+  chunks itself, without the GIL (:func:`run_shared`): the output columns of every Linear (vitnp's own GEMM,
+  :func:`vitnp.kernels.linear`), the rows of LayerNorm, GELU and softmax. Attention is Python between BLAS calls
+  and takes its heads (Swin: windows) one Python call per chunk (:func:`parallel_ranges`); the BLAS multiplies
+  each chunk's small per-head matrices (197 x 64 by 64 x 197 for ViT-B/16) on one thread
+  (:func:`single_threaded`): split inside the BLAS, each of those small products cost more in synchronisation
+  than it saved.
 - **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
   own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
   or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
@@ -157,72 +159,94 @@ def map_batch(forward, x):
 
 
 _SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms
-# Work of fewer multiply-adds than this (~1.5 ms on one core) is not worth sharing out: handing chunks to another
-# thread costs 0.1 to 0.3 ms here (waking it, passing it the GIL).
+# Work of fewer multiply-adds than this is done on the calling thread alone. A kernel shared out without the GIL
+# (run_shared) costs a few microseconds to hand over (~0.1 ms of work here); a Python function per chunk
+# (parallel_ranges) costs 0.1 to 0.3 ms, which takes ~1.5 ms of work to pay for.
+MIN_SHARED_MACS = 1 << 23
 MIN_PARALLEL_MACS = 1 << 26
+_MAX_HELPERS = 255
 
 
 class _Helpers:
-    """Threads that run :func:`parallel_ranges`'s chunks beside the calling thread.
+    """Threads that run the chunks of a shared kernel (:func:`run_shared`) or of :func:`parallel_ranges` beside the
+    calling thread.
 
-    Between jobs a helper spins on the job counter in a Numba loop that holds no GIL, for about half a millisecond, and
-    only then sleeps: the ops of a forward come a fraction of a millisecond apart, and waking a sleeping thread took
-    0.1 to 0.5 ms on this 2-core virtual machine (with a ThreadPoolExecutor a 2.2 ms softmax took 1.64 ms on two
-    threads, 1.1 ideal; with the spinning helpers 1.33-1.51).
+    A job and its progress live in ``schedule``, an int64 array the kernels update atomically (its slots are named in
+    :mod:`vitnp.kernels`: JOB, NEXT, TOTAL, THREADS, FINISHED). Between jobs a helper spins on schedule[JOB] in a Numba
+    loop that holds no GIL, for about half a millisecond, and only then sleeps: the ops of a forward come a fraction of
+    a millisecond apart, and waking a sleeping thread took 0.1 to 0.5 ms on this 2-core virtual machine.
     """
 
     def __init__(self):
-        self.busy = threading.Lock()  # one job at a time; a second caller meanwhile runs its work alone
-        self.wakeup = threading.Condition()
-        self.generation = np.zeros(1, np.int64)  # the number of the current job
-        self.finished = np.zeros(0, np.int64)  # finished[i]: the last job helper i has finished
-        self.job = None  # (function, how many helpers take part)
-        self.errors = []
-
-    def run(self, job, helpers):
-        """``job()`` on the calling thread and on ``helpers`` helper threads at once; returns when all are done."""
         from . import kernels
 
-        if len(self.finished) < helpers:
+        self.busy = threading.Lock()  # one job at a time; a second caller meanwhile runs its work alone
+        self.wakeup = threading.Condition()
+        self.sleeping = 0  # helpers asleep on ``wakeup``
+        self.schedule = np.zeros(kernels.FINISHED + _MAX_HELPERS, np.int64)
+        self.started = 0
+        self.job = None  # (function, arguments, how many helpers take part)
+        self.errors = []
+
+    def run(self, function, arguments, total, helpers, announce_in_kernel):
+        """``function(*arguments, schedule, job)`` on the calling thread and on ``helpers`` helper threads at once,
+        over ``total`` items; returns when all are done. A Numba kernel announces the job itself once it has let go of
+        the GIL (``announce_in_kernel``); for a Python function it is announced here and ``job`` is 0."""
+        from . import kernels
+
+        if self.started < helpers:
             self._start(helpers)
-        self.job = (job, helpers)
-        generation = int(self.generation[0]) + 1
-        self.generation[0] = generation
-        with self.wakeup:
-            self.wakeup.notify_all()
+        schedule = self.schedule
+        schedule[kernels.NEXT] = 0
+        schedule[kernels.TOTAL] = total
+        schedule[kernels.THREADS] = helpers + 1
+        self.job = (function, arguments, helpers)
+        job = int(schedule[kernels.JOB]) + 1
+        if self.sleeping or not announce_in_kernel:
+            schedule[kernels.JOB] = job
+            with self.wakeup:
+                self.wakeup.notify_all()
         try:
-            job()
+            function(*arguments, schedule, 0 if schedule[kernels.JOB] == job else job)
         finally:
-            for index in range(helpers):
-                while not kernels.spin_until(self.finished, index, generation, True, _SPINS):
-                    time.sleep(0.0001)  # a helper descheduled by the machine: stop burning the core meanwhile
+            if schedule[kernels.JOB] != job:  # the call failed before the kernel ran: the helpers try it and finish
+                schedule[kernels.JOB] = job
+            while not kernels.wait_finished(schedule, helpers, job, _SPINS):
+                with self.wakeup:  # a helper went to sleep just as the job came, or the machine descheduled it
+                    self.wakeup.notify_all()
+                time.sleep(0.0001)
             errors, self.errors = self.errors, []  # this job's, whether or not the calling thread's part raised
         if errors:
             raise errors[0]
 
     def _start(self, helpers):
-        first = len(self.finished)
-        self.finished = np.concatenate([self.finished, np.full(helpers - first, self.generation[0], np.int64)])
-        for index in range(first, helpers):
+        from . import kernels
+
+        job = self.schedule[kernels.JOB]
+        for index in range(self.started, helpers):
+            self.schedule[kernels.FINISHED + index] = job
             threading.Thread(target=self._loop, args=(index,), name=f"vitnp-{index}", daemon=True).start()
+        self.started = helpers
 
     def _loop(self, index):
         from . import kernels
 
-        seen = int(self.generation[0])
+        schedule = self.schedule
+        seen = int(schedule[kernels.JOB])
         while True:
-            if not kernels.spin_until(self.generation, 0, seen, False, _SPINS):
+            if not kernels.finish_and_wait(schedule, index, seen, _SPINS):
                 with self.wakeup:
-                    while self.generation[0] == seen:
+                    self.sleeping += 1
+                    while schedule[kernels.JOB] == seen:
                         self.wakeup.wait()
-            seen = int(self.generation[0])
-            job, helpers = self.job
+                    self.sleeping -= 1
+            seen = int(schedule[kernels.JOB])
+            function, arguments, helpers = self.job
             if index < helpers:
                 try:
-                    job()
+                    function(*arguments, schedule, 0)
                 except BaseException as error:  # handed to the caller, which raises it
                     self.errors.append(error)
-            self.finished[index] = seen
 
 
 _helpers = _Helpers()
@@ -241,51 +265,69 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _alone(total):
+    """A schedule for one thread: the whole range in one chunk."""
+    from . import kernels
+
+    schedule = np.zeros(kernels.FINISHED, np.int64)
+    schedule[kernels.TOTAL] = total
+    schedule[kernels.THREADS] = 1
+    return schedule
+
+
+def _helpers_for(total, macs, min_macs):
+    """How many helper threads to share ``total`` items of ``macs`` multiply-adds with; 0 (with the helpers not
+    taken) to run them on the calling thread alone."""
+    helpers = min(get_num_threads(), _MAX_HELPERS + 1) - 1
+    if macs < min_macs or helpers < 1 or total < 2 or getattr(_chunk, "running", False):
+        return 0
+    return helpers if _helpers.busy.acquire(blocking=False) else 0
+
+
+def run_shared(kernel, arguments, total, macs):
+    """``kernel(*arguments, schedule, job)`` on the calling thread and the helper threads at once: ``kernel`` is a
+    Numba kernel that holds no GIL and takes its chunks of ``range(total)`` with :func:`vitnp.kernels.take_chunk`.
+
+    It runs on the calling thread alone, the whole range as one chunk, when its work, ``macs`` multiply-adds or the
+    equivalent, is below :data:`MIN_SHARED_MACS`; inside a chunk of :func:`map_batch` or :func:`parallel_ranges`
+    (every thread busy already); with one thread or one item; and while another thread's job has the helpers.
+    """
+    helpers = _helpers_for(total, macs, MIN_SHARED_MACS)
+    if not helpers:
+        kernel(*arguments, _alone(total), 0)
+        return
+    try:
+        _helpers.run(kernel, arguments, total, helpers, announce_in_kernel=True)
+    finally:
+        _helpers.busy.release()
+
+
 def parallel_ranges(work, total, macs):
     """``work(begin, end)`` over ``range(total)``, in chunks that the threads take in turn until none is left.
 
-    The chunks shrink as the work runs out and go to the threads as they become free, so a thread that the machine
-    slows down takes fewer of them. The calling thread works too. It is ``work(0, total)`` on the calling thread
-    alone when the whole work, ``macs`` multiply-adds or the equivalent, is below :data:`MIN_PARALLEL_MACS`; inside
-    a chunk of :func:`map_batch` (every thread busy already); with one thread or one item; and while another
-    thread's ``parallel_ranges`` has the helpers. ``work`` must release the GIL to run in parallel (the Numba kernels
-    and the BLAS do).
+    For work that is Python calling into code that lets go of the GIL (attention's products through the BLAS, then
+    a softmax); a Numba kernel shares out faster with :func:`run_shared`. The chunks are taken as there
+    (:func:`vitnp.kernels.take_chunk`), and it runs ``work(0, total)`` on the calling thread alone in the same cases,
+    with :data:`MIN_PARALLEL_MACS` as the threshold.
     """
-    threads = get_num_threads()
-    if (
-        macs < MIN_PARALLEL_MACS
-        or threads < 2
-        or total < 2
-        or getattr(_chunk, "running", False)
-        or not _helpers.busy.acquire(blocking=False)
-    ):
+    from . import kernels
+
+    helpers = _helpers_for(total, macs, MIN_PARALLEL_MACS)
+    if not helpers:
         work(0, total)
         return
-    taken = 0  # items handed out so far
-    take = threading.Lock()
 
-    def next_chunk():
-        # Each chunk is a 1 / (2 * threads) share of what is left: big at first (few hand-offs), small at the end
-        # (no thread waits long for another's last chunk). Against four equal chunks per thread: 0.98-0.99 of the
-        # time on ViT-B's batch-1 GEMMs, within this machine's noise (two runs of one setting differed by 8%).
-        nonlocal taken
-        with take:
-            begin = taken
-            taken = min(total, begin + max(1, (total - begin) // (2 * threads)))
-        return begin, taken
-
-    def take_chunks():
-        _chunk.running = True  # a parallel_ranges inside ``work`` runs inline
+    def take_chunks(schedule, job):
+        _chunk.running = True  # a run_shared or parallel_ranges inside ``work`` runs inline
         try:
-            while True:
-                begin, end = next_chunk()
-                if begin == end:
-                    return
+            begin, end = kernels.take_chunk(schedule, job)
+            while begin < end:
                 work(begin, end)
+                begin, end = kernels.take_chunk(schedule, 0)
         finally:
             _chunk.running = False
 
     try:
-        _helpers.run(take_chunks, threads - 1)
+        _helpers.run(take_chunks, (), total, helpers, announce_in_kernel=False)
     finally:
         _helpers.busy.release()
