@@ -301,3 +301,69 @@ def test_linear_rejects_a_dtype_or_width_that_does_not_fit():
         kernels.linear(np.ones((2, 4), np.float32), packed)
     with pytest.raises(ValueError, match="float32 or float64 weight"):
         kernels.pack_linear_weight(np.ones((4, 3), np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+ATTENTION_SHAPES = st.tuples(
+    st.integers(1, 4),  # images or windows
+    st.integers(1, 60),  # tokens: score rows padded to whole panels of 16 (float32) / 8 (float64) keys
+    st.integers(1, 4),  # heads
+    st.integers(1, 40),  # head_dim: value panels and a cut-short last one
+)
+
+
+def _attention_case(draw):
+    (B, N, heads, head_dim), dtype = draw(ATTENTION_SHAPES), draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    qkv = rng.standard_normal((B, N, 3, heads, head_dim)).astype(dtype)
+    bias = rng.standard_normal((heads, N, N)).astype(dtype) if draw(st.booleans()) else None
+    mask = None
+    if draw(st.booleans()):
+        nW = draw(st.sampled_from([w for w in (1, 2, 4) if B % w == 0]))
+        mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(dtype)  # Swin's 0 / -100 mask
+    return qkv, head_dim**-0.5, bias, mask
+
+
+@needs_torch
+@given(st.data())
+def test_attention_matches_torch_and_numpy_twin(data):
+    qkv, scale, bias, mask = _attention_case(data.draw)
+    B, N, _, heads, head_dim = qkv.shape
+    y = kernels.attention(qkv, scale, bias, mask)
+    assert y.dtype == qkv.dtype and y.shape == (B, N, heads, head_dim)
+    q, k, v = _t(qkv).permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    added = 0.0 if bias is None else bias
+    if mask is not None:
+        added = added + mask[np.arange(B) % len(mask), None]  # (B, 1, N, N): window b takes mask b % nW
+    attn = attn + torch.as_tensor(added, dtype=attn.dtype)
+    expected = (attn.softmax(dim=-1) @ v).permute(0, 2, 1, 3).numpy()
+    assert_close(y, expected, "kernel")
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    twin = ops.scaled_dot_product_attention(q, k, v, qkv.dtype.type(scale), np.asarray(added, qkv.dtype))
+    assert_close(y, twin.transpose(0, 2, 1, 3), "kernel")
+
+
+def test_attention_rows_average_the_values():
+    # No oracle: with every score equal (q = 0) each output row is the mean of v's rows; with one key scoring far
+    # above the rest, it is that key's value row.
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((2, 23, 3, 2, 20))
+    qkv[:, :, 0] = 0.0
+    y = kernels.attention(qkv, 0.5)
+    np.testing.assert_allclose(y, np.broadcast_to(qkv[:, :, 2].mean(axis=1, keepdims=True), y.shape), rtol=1e-12)
+    bias = np.zeros((2, 23, 23))
+    bias[:, :, 7] = 1e3
+    y = kernels.attention(qkv, 0.5, bias)
+    np.testing.assert_array_equal(y, np.broadcast_to(qkv[:, 7:8, 2], y.shape))
+
+
+def test_attention_rejects_shapes_that_do_not_fit():
+    qkv = np.zeros((2, 5, 3, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"\(B, N, 3, heads, head_dim\)"):
+        kernels.attention(qkv[:, :, :2], 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(2, 5, 5\)"):
+        kernels.attention(qkv, 1.0, bias=np.zeros((3, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"mask must be \(nW, 5, 5\) with nW dividing 2"):
+        kernels.attention(qkv, 1.0, mask=np.zeros((3, 5, 5), np.float32))

@@ -128,87 +128,8 @@ def test_a_batch_split_across_threads_equals_the_images_alone(restore_threads, n
 @pytest.fixture
 def share_everything(monkeypatch, restore_threads):
     """Two threads, and every op shared out between them however small (the size thresholds set to 0)."""
-    monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 0)
     monkeypatch.setattr(threads, "MIN_SHARED_MACS", 0)
     vitnp.set_num_threads(2)
-
-
-@pytest.mark.parametrize("total", [1, 2, 7, 64, 1000])
-def test_parallel_ranges_covers_every_item_once(share_everything, total):
-    counts = np.zeros(total, np.int64)
-    workers = set()
-    lock = threading.Lock()
-
-    def work(begin, end):
-        with lock:
-            counts[begin:end] += 1
-            workers.add(threading.get_ident())
-
-    threads.parallel_ranges(work, total, macs=1)
-    np.testing.assert_array_equal(counts, 1)
-
-
-def _first_two_chunks():
-    """A function that is True for the first two chunks it is asked about (in whichever threads), then False."""
-    lock, seen = threading.Lock(), []
-
-    def first_two(begin):
-        with lock:
-            seen.append(begin)
-            return len(seen) <= 2
-
-    return first_two
-
-
-def test_parallel_ranges_uses_a_second_thread_and_raises_its_errors(share_everything):
-    started = threading.Barrier(2, timeout=10)  # passes only if two threads run chunks at the same time
-    first_two = _first_two_chunks()
-
-    def work(begin, end):
-        if first_two(begin):  # each thread's first chunk: the two meet here, or the barrier times out
-            started.wait()
-
-    threads.parallel_ranges(work, 8, macs=1)
-
-    def failing(begin, end):
-        if begin == 7:
-            raise RuntimeError("chunk 7 failed")
-
-    with pytest.raises(RuntimeError, match="chunk 7 failed"):
-        threads.parallel_ranges(failing, 8, macs=1)
-    threads.parallel_ranges(lambda begin, end: None, 8, macs=1)  # the helpers still work after an error
-
-
-def test_parallel_ranges_runs_inline_when_small_nested_or_busy(restore_threads):
-    vitnp.set_num_threads(2)
-    calls = []
-    threads.parallel_ranges(lambda b, e: calls.append((b, e, threading.get_ident())), 100, macs=1)
-    assert calls == [(0, 100, threading.get_ident())]  # below MIN_PARALLEL_MACS: one call, this thread
-    inner = []
-
-    def outer(begin, end):
-        threads.parallel_ranges(lambda b, e: inner.append((b, e)), 10, macs=threads.MIN_PARALLEL_MACS)
-
-    threads.parallel_ranges(outer, 4, macs=threads.MIN_PARALLEL_MACS)
-    assert inner == [(0, 10)] * 4  # inside a chunk: inline, whole
-
-
-def test_parallel_ranges_from_two_threads_at_once(share_everything):
-    results = {}
-
-    def caller(name):
-        total = np.zeros(500, np.int64)
-        for _ in range(50):
-            threads.parallel_ranges(lambda b, e: total.__setitem__(slice(b, e), total[b:e] + 1), 500, macs=1)
-        results[name] = total
-
-    callers = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
-    for c in callers:
-        c.start()
-    for c in callers:
-        c.join()
-    for total in results.values():
-        np.testing.assert_array_equal(total, 50)
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs"])
@@ -222,40 +143,8 @@ def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everythin
     model = vitnp.create_model(name, seed=0, **overrides)
     x = np.random.default_rng(1).standard_normal((1, 3, *model.img_size)).astype(np.float32)
     shared = model(x)
-    monkeypatch.setattr(threads, "MIN_PARALLEL_MACS", 2**62)
     monkeypatch.setattr(threads, "MIN_SHARED_MACS", 2**62)
     np.testing.assert_array_equal(shared, model(x))
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_a_forked_child_shares_work_out_with_its_own_helpers(share_everything):
-    import os
-
-    threads.parallel_ranges(lambda b, e: None, 8, macs=1)  # the parent's helpers are running
-    pid = os.fork()
-    if pid == 0:  # the child: its own helpers, or this would wait forever for the parent's
-        import signal
-
-        signal.alarm(20)  # a hang ends the child (killed by SIGALRM) instead of the test run
-        counts = np.zeros(64, np.int64)
-        threads.parallel_ranges(lambda b, e: counts.__setitem__(slice(b, e), counts[b:e] + 1), 64, macs=1)
-        os._exit(0 if (counts == 1).all() else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
-def test_an_error_on_both_threads_is_raised_once_and_not_left_for_the_next_call(share_everything):
-    barrier = threading.Barrier(2, timeout=10)
-    first_two = _first_two_chunks()
-
-    def both_fail(begin, end):
-        if first_two(begin):
-            barrier.wait()  # the two threads each take one of the first chunks, then both raise
-            raise RuntimeError(f"chunk {begin}")
-
-    with pytest.raises(RuntimeError, match="chunk"):
-        threads.parallel_ranges(both_fail, 8, macs=1)
-    threads.parallel_ranges(lambda begin, end: None, 8, macs=1)  # nothing stale is raised here
 
 
 # Shared Numba kernels (threads.run_shared): the chunks are taken inside compiled code, without the GIL.
@@ -294,6 +183,9 @@ def test_run_shared_covers_every_item_once(share_everything, total):
 
 def test_run_shared_runs_on_a_second_thread(share_everything):
     met = np.zeros(1, np.int64)
+    # Compiled first: a helper that finds no job for ~0.5 ms sleeps, and one that fell asleep while the calling thread
+    # compiled the kernel is woken only after the kernel returns (it would then wait 2^31 reads for nothing).
+    threads.run_shared(_first_chunk_waits_for_another_thread, (met, 0), 8, macs=1)
     threads.run_shared(_first_chunk_waits_for_another_thread, (met, 1 << 31), 8, macs=1)
     assert met[0] == 1  # alone, the first chunk's thread would have given up after 2^31 reads
 
@@ -303,15 +195,16 @@ def test_run_shared_runs_alone_in_one_chunk_when_small_or_nested(restore_threads
     counts, chunks = np.zeros(100, np.int64), np.zeros(100, np.int64)
     threads.run_shared(_count_items, (counts, chunks), 100, macs=threads.MIN_SHARED_MACS - 1)
     assert list(np.flatnonzero(chunks)) == [0] and chunks[0] == 100  # below the threshold: one chunk, all of it
-    inner = []
 
-    def outer(begin, end):
+    def chunk_starts(x):
         counts, chunks = np.zeros(10, np.int64), np.zeros(10, np.int64)
         threads.run_shared(_count_items, (counts, chunks), 10, macs=threads.MIN_SHARED_MACS)
-        inner.append(np.flatnonzero(chunks).tolist())
+        return np.flatnonzero(chunks)[None]
 
-    threads.parallel_ranges(outer, 4, macs=threads.MIN_PARALLEL_MACS)
-    assert inner == [[0]] * 4  # inside a chunk of parallel_ranges: alone, one chunk
+    assert threads.map_batch(chunk_starts, np.zeros(4)).tolist() == [[0]] * 2  # in a batch's chunks: one chunk each
+    with threads.single_threaded():
+        assert chunk_starts(None).tolist() == [[0]]
+    assert chunk_starts(None).tolist() != [[0]]  # and shared out again after it
 
 
 def test_run_shared_raises_a_failed_call_once_and_the_helpers_still_work(share_everything):
@@ -326,7 +219,7 @@ def test_run_shared_raises_a_failed_call_once_and_the_helpers_still_work(share_e
 def test_a_forked_child_runs_shared_kernels_with_its_own_helpers(share_everything):
     import os
 
-    threads.run_shared(_count_items, (np.zeros(8, np.int64), np.zeros(8, np.int64)), 8, macs=1)  # parent's helpers
+    threads.run_shared(_first_chunk_waits_for_another_thread, (np.zeros(1, np.int64), 0), 8, macs=1)  # compiled
     pid = os.fork()
     if pid == 0:
         import signal
@@ -337,3 +230,22 @@ def test_a_forked_child_runs_shared_kernels_with_its_own_helpers(share_everythin
         os._exit(0 if met[0] == 1 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_run_shared_from_two_threads_at_once(share_everything):
+    results = {}
+
+    def caller(name):
+        counts, chunks = np.zeros(500, np.int64), np.zeros(500, np.int64)
+        for _ in range(50):
+            threads.run_shared(_count_items, (counts, chunks), 500, macs=1)  # the helpers go to one caller at a time
+        results[name] = counts
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert len(results) == 2
+    for counts in results.values():
+        np.testing.assert_array_equal(counts, 50)

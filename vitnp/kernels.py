@@ -442,20 +442,25 @@ def _gelu_tanh_shared(x, bias, schedule, job):
         begin, end = take_chunk(schedule, 0)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _softmax_row(x):
+    # In place on a 1-D row: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max
+    # keeps exp() <= 1.
+    row_max = x[0]
+    for c in range(1, x.shape[0]):
+        if x[c] > row_max:
+            row_max = x[c]
+    for c in range(x.shape[0]):
+        x[c] = _exp(x[c] - row_max, x.dtype)
+    inv_total = 1.0 / _sum_lanes(x)
+    for c in range(x.shape[0]):
+        x[c] *= inv_total
+
+
 @_jit
 def _softmax_rows(x):
-    # In place: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max keeps exp() <= 1.
-    rows, channels = x.shape
-    for r in range(rows):
-        row_max = x[r, 0]
-        for c in range(1, channels):
-            if x[r, c] > row_max:
-                row_max = x[r, c]
-        for c in range(channels):
-            x[r, c] = _exp(x[r, c] - row_max, x.dtype)
-        inv_total = 1.0 / _sum_lanes(x[r])
-        for c in range(channels):
-            x[r, c] *= inv_total
+    for r in range(x.shape[0]):
+        _softmax_row(x[r])
 
 
 def softmax(x, out=None):
@@ -949,3 +954,91 @@ def linear(x, packed, bias=None):
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
         y = np.ascontiguousarray(y[:, :out_features])
     return y.reshape(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention: softmax(q k^T + bias + mask) v for every head, on the GEMM above
+#
+# One (image or window, head) pair is one item of work: its q (scaled), k and v are gathered out of the qkv Linear's
+# output, k into panels (k's rows are the output columns of q k^T) and v into panels (v's columns are the output
+# columns of attn v); the scores' rows are padded with zero columns to whole panels, which attn v then multiplies by
+# zero rows of v's panels. The items are shared out between threads like a GEMM's panels. Per item this is the
+# sequence of the seeds' Attention.forward: q * scale, q @ k^T, (+ bias, + mask), softmax, @ v.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
+    # qkv (B, N, 3, heads, head_dim); bias (heads, N, N) or (0, 0, 0): none; mask (nW, N, N) or (0, 0, 0): none,
+    # window b of the batch takes mask[b % nW]; out (B, N, heads, head_dim). Items b * heads + h in [first, end).
+    B, N, _, heads, head_dim = qkv.shape
+    key_panels_count = -(-N // width)
+    padded_keys = key_panels_count * width
+    value_panels_count = -(-head_dim // width)
+    q = np.empty((N, head_dim), qkv.dtype)
+    key_panels = np.zeros((key_panels_count, head_dim, width), qkv.dtype)  # [p, d, c] = k[p * width + c, d]
+    value_panels = np.zeros((value_panels_count, padded_keys, width), qkv.dtype)  # [p, j, c] = v[j, p * width + c]
+    attn = np.empty((N, padded_keys), qkv.dtype)
+    head_out = np.empty((N, value_panels_count * width), qkv.dtype)
+    no_bias_keys = np.zeros(padded_keys, qkv.dtype)
+    no_bias_values = np.zeros(value_panels_count * width, qkv.dtype)
+    block_rows = N + 6  # every row in one block: N x padded_keys fits the L2 cache for any window or ViT here
+    for item in range(first_item, end_item):
+        b = item // heads
+        h = item % heads
+        for i in range(N):
+            q_i, k_i, v_i = qkv[b, i, 0, h], qkv[b, i, 1, h], qkv[b, i, 2, h]  # (head_dim,) each
+            for d in range(head_dim):
+                q[i, d] = q_i[d] * scale
+            key_column = key_panels[i // width, :, i % width]
+            for d in range(head_dim):
+                key_column[d] = k_i[d]
+            for p in range(value_panels_count):
+                value_row = value_panels[p, i]
+                for c in range(min(width, head_dim - p * width)):
+                    value_row[c] = v_i[p * width + c]
+        _gemm_panels(q, key_panels, no_bias_keys, attn, 0, key_panels_count, block_rows)  # q k^T; 0 past column N
+        for i in range(N):
+            scores = attn[i, :N]  # contiguous: the loops below vectorise
+            if bias.shape[0]:
+                scores += bias[h, i]
+            if mask.shape[0]:
+                scores += mask[b % mask.shape[0], i]
+            _softmax_row(scores)
+        _gemm_panels(attn, value_panels, no_bias_values, head_out, 0, value_panels_count, block_rows)  # attn v
+        for i in range(N):
+            for d in range(head_dim):
+                out[b, i, h, d] = head_out[i, d]
+
+
+@_jit
+def _attention_shared(qkv, scale, bias, mask, out, width, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _attention_items(qkv, scale, bias, mask, out, width, begin, end)
+        begin, end = take_chunk(schedule, 0)
+
+
+def attention(qkv, scale, bias=None, mask=None):
+    """Multi-head self-attention of a qkv Linear's output ``qkv`` (B, N, 3, heads, head_dim): for each image (or
+    window) b and head h, ``softmax((q * scale) @ k^T + bias[h] + mask[b % nW]) @ v``, as (B, N, heads, head_dim).
+
+    ``bias`` (heads, N, N) (Swin's relative position bias) and ``mask`` (nW, N, N) (Swin's shifted-window mask) are
+    optional. Each (b, h) is computed as in torch, q scaled first; the products on :func:`linear`'s GEMM.
+    """
+    qkv = np.ascontiguousarray(qkv)
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention: expected qkv of shape (B, N, 3, heads, head_dim), got {qkv.shape}")
+    B, N, _, heads, head_dim = qkv.shape
+    none = np.zeros((0, 0, 0), qkv.dtype)
+    bias = none if bias is None else np.ascontiguousarray(bias, qkv.dtype)
+    mask = none if mask is None else np.ascontiguousarray(mask, qkv.dtype)
+    if bias.shape[0] and bias.shape != (heads, N, N):
+        raise ValueError(f"attention: bias must be ({heads}, {N}, {N}), got {bias.shape}")
+    if mask.shape[0] and (mask.shape[1:] != (N, N) or B % mask.shape[0]):
+        raise ValueError(f"attention: mask must be (nW, {N}, {N}) with nW dividing {B}, got {mask.shape}")
+    out = np.empty((B, N, heads, head_dim), qkv.dtype)
+    width = 2 * (_VECTOR_BYTES // qkv.itemsize)
+    arguments = (qkv, qkv.dtype.type(scale), bias, mask, out, width)
+    threads.run_shared(_attention_shared, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
+    return out

@@ -5,8 +5,6 @@ Each ``__call__`` is the forward of the timm / PyTorch module of the same name, 
 
 import threading
 
-import numpy as np
-
 from . import kernels, ops, threads
 from .model import Identity, Module
 from .weights import release_mapped_pages
@@ -113,23 +111,9 @@ class Attention(Module):
 
     def __call__(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv_heads(x)
-        x = np.empty((B, N, C), dtype=v.dtype)
-        heads = x.reshape(B, N, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim) view
-
-        def attend(first, end):  # heads [first, end) of every image; the threads share the heads out
-            attn = self.probs(q[:, first:end], k[:, first:end])
-            with threads.single_threaded():
-                np.matmul(attn, v[:, first:end], out=heads[:, first:end])  # attn @ v, straight into x's columns
-
-        threads.parallel_ranges(attend, self.num_heads, attention_macs(B * self.num_heads, N, self.head_dim))
-        return self.proj(x)
-
-
-def attention_macs(heads, N, head_dim):
-    """The work of softmax(q k^T) v over ``heads`` heads of N tokens, in multiply-adds or the equivalent (for
-    :func:`vitnp.threads.parallel_ranges`): the two products and the softmax."""
-    return heads * N * N * (2 * head_dim + kernels.MACS_PER_VALUE)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        x = kernels.attention(qkv, self.scale)  # softmax((q * scale) @ k^T) @ v per head: (B, N, heads, head_dim)
+        return self.proj(x.reshape(B, N, C))
 
 
 class Mlp(Module):
@@ -174,4 +158,4 @@ class Block(Module):
         return x
 
 
-__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation", "attention_macs"]
+__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation"]

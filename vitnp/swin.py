@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, layers, ops, threads
+from . import kernels, layers, ops
 from .layers import Identity, LayerNorm, Linear, Mlp
 from .model import Model, Module
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, data_cfg
@@ -111,22 +111,9 @@ class WindowAttention(Module):
         """(B*nW, N, C) windows -> (B*nW, N, C); ``mask`` (nW, N, N) is added per window of every image."""
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)
-        qkv[:, :, 0] *= self.scale  # q = q * scale, in place in qkv (a fresh array)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nW, heads, N, head_dim), strided views of qkv
-        relative_position_bias = self.relative_position_bias()  # (heads, N, N)
-        x = np.empty((B_, N, self.num_heads, self.head_dim), dtype=qkv.dtype)
-
-        def attend(first, end):  # windows [first, end); the threads share the windows out
-            with threads.single_threaded():  # many small products: see vitnp/threads.py
-                attn = q[first:end] @ k[first:end].swapaxes(-2, -1)  # (windows, heads, N, N)
-            attn += relative_position_bias
-            if mask is not None:  # window w of an image is window w % nW of the mask
-                attn += mask[np.arange(first, end) % mask.shape[0], None]  # (windows, 1, N, N)
-            attn = kernels.softmax(attn, out=attn)
-            with threads.single_threaded():
-                np.matmul(attn, v[first:end], out=x[first:end].transpose(0, 2, 1, 3))  # attn @ v, stored heads-last
-
-        threads.parallel_ranges(attend, B_, layers.attention_macs(B_ * self.num_heads, N, self.head_dim))
+        # softmax((q * scale) @ k^T + relative_position_bias + mask) @ v per window and head; window w of an image
+        # takes window w % nW of the mask: (B*nW, N, heads, head_dim)
+        x = kernels.attention(qkv, self.scale, self.relative_position_bias(), mask)
         return self.proj(x.reshape(B_, N, C))
 
 

@@ -2,13 +2,11 @@
 
 Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
 
-- **One image**: the work of each op is cut into chunks that the threads take in turn. A Numba kernel takes its
-  chunks itself, without the GIL (:func:`run_shared`): the output columns of every Linear (vitnp's own GEMM,
-  :func:`vitnp.kernels.linear`), the rows of LayerNorm, GELU and softmax. Attention is Python between BLAS calls
-  and takes its heads (Swin: windows) one Python call per chunk (:func:`parallel_ranges`); the BLAS multiplies
-  each chunk's small per-head matrices (197 x 64 by 64 x 197 for ViT-B/16) on one thread
-  (:func:`single_threaded`): split inside the BLAS, each of those small products cost more in synchronisation
-  than it saved.
+- **One image**: the work of each op is cut into chunks that the threads take in turn, inside the Numba kernel and
+  without the GIL (:func:`run_shared`): the output columns of every Linear (vitnp's own GEMM,
+  :func:`vitnp.kernels.linear`), the (image or window, head) pairs of attention, the rows of LayerNorm, GELU and
+  softmax. Handed over through the GIL, one Python call per chunk, a 1.2 ms GELU took as long on two threads as on
+  one; this way it takes 0.6-0.8 ms.
 - **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
   own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
   or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
@@ -100,10 +98,22 @@ def set_num_threads(n):
 
 @contextmanager
 def single_threaded():
-    """Run the BLAS calls of the ``with`` body on one thread, then restore the BLAS's thread count.
+    """Run the ``with`` body on the calling thread alone: the BLAS on one thread, and vitnp's shared kernels
+    (:func:`run_shared`) inline; then restore the BLAS's thread count.
 
     Safe from several threads at once: the BLAS stays on one thread until the last of them leaves.
     """
+    running_before = getattr(_chunk, "running", False)
+    _chunk.running = True
+    try:
+        with _blas_single_threaded():
+            yield
+    finally:
+        _chunk.running = running_before
+
+
+@contextmanager
+def _blas_single_threaded():
     global _single_threaded_depth, _blas_threads_outside
     if _OPENBLAS is None:
         yield
@@ -159,17 +169,14 @@ def map_batch(forward, x):
 
 
 _SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms
-# Work of fewer multiply-adds than this is done on the calling thread alone. A kernel shared out without the GIL
-# (run_shared) costs a few microseconds to hand over (~0.1 ms of work here); a Python function per chunk
-# (parallel_ranges) costs 0.1 to 0.3 ms, which takes ~1.5 ms of work to pay for.
+# Work of fewer multiply-adds (or the equivalent) than this runs on the calling thread alone: handing a kernel's
+# chunks to a helper costs ~25 microseconds here, about this much work on one core.
 MIN_SHARED_MACS = 1 << 23
-MIN_PARALLEL_MACS = 1 << 26
 _MAX_HELPERS = 255
 
 
 class _Helpers:
-    """Threads that run the chunks of a shared kernel (:func:`run_shared`) or of :func:`parallel_ranges` beside the
-    calling thread.
+    """Threads that run the chunks of a shared kernel (:func:`run_shared`) beside the calling thread.
 
     A job and its progress live in ``schedule``, an int64 array the kernels update atomically (its slots are named in
     :mod:`vitnp.kernels`: JOB, NEXT, TOTAL, THREADS, FINISHED). Between jobs a helper spins on schedule[JOB] in a Numba
@@ -188,10 +195,10 @@ class _Helpers:
         self.job = None  # (function, arguments, how many helpers take part)
         self.errors = []
 
-    def run(self, function, arguments, total, helpers, announce_in_kernel):
-        """``function(*arguments, schedule, job)`` on the calling thread and on ``helpers`` helper threads at once,
-        over ``total`` items; returns when all are done. A Numba kernel announces the job itself once it has let go of
-        the GIL (``announce_in_kernel``); for a Python function it is announced here and ``job`` is 0."""
+    def run(self, kernel, arguments, total, helpers):
+        """``kernel(*arguments, schedule, job)`` on the calling thread and on ``helpers`` helper threads at once, over
+        ``total`` items; returns when all are done. The kernel announces the job itself once it has let go of the GIL;
+        if a helper sleeps, the job is announced here instead, before waking it, and the kernel gets ``job`` 0."""
         from . import kernels
 
         if self.started < helpers:
@@ -200,14 +207,14 @@ class _Helpers:
         schedule[kernels.NEXT] = 0
         schedule[kernels.TOTAL] = total
         schedule[kernels.THREADS] = helpers + 1
-        self.job = (function, arguments, helpers)
+        self.job = (kernel, arguments, helpers)
         job = int(schedule[kernels.JOB]) + 1
-        if self.sleeping or not announce_in_kernel:
+        if self.sleeping:
             schedule[kernels.JOB] = job
             with self.wakeup:
                 self.wakeup.notify_all()
         try:
-            function(*arguments, schedule, 0 if schedule[kernels.JOB] == job else job)
+            kernel(*arguments, schedule, 0 if schedule[kernels.JOB] == job else job)
         finally:
             if schedule[kernels.JOB] != job:  # the call failed before the kernel ran: the helpers try it and finish
                 schedule[kernels.JOB] = job
@@ -237,14 +244,18 @@ class _Helpers:
             if not kernels.finish_and_wait(schedule, index, seen, _SPINS):
                 with self.wakeup:
                     self.sleeping += 1
+                    # A job announced (without the lock) just as this helper gave up spinning finds ``sleeping`` still
+                    # 0 and wakes no one: the first wait is short, so such a job is picked up a millisecond late.
+                    timeout = 0.001
                     while schedule[kernels.JOB] == seen:
-                        self.wakeup.wait()
+                        self.wakeup.wait(timeout)
+                        timeout = None
                     self.sleeping -= 1
             seen = int(schedule[kernels.JOB])
-            function, arguments, helpers = self.job
+            kernel, arguments, helpers = self.job
             if index < helpers:
                 try:
-                    function(*arguments, schedule, 0)
+                    kernel(*arguments, schedule, 0)
                 except BaseException as error:  # handed to the caller, which raises it
                     self.errors.append(error)
 
@@ -275,59 +286,25 @@ def _alone(total):
     return schedule
 
 
-def _helpers_for(total, macs, min_macs):
-    """How many helper threads to share ``total`` items of ``macs`` multiply-adds with; 0 (with the helpers not
-    taken) to run them on the calling thread alone."""
-    helpers = min(get_num_threads(), _MAX_HELPERS + 1) - 1
-    if macs < min_macs or helpers < 1 or total < 2 or getattr(_chunk, "running", False):
-        return 0
-    return helpers if _helpers.busy.acquire(blocking=False) else 0
-
-
 def run_shared(kernel, arguments, total, macs):
     """``kernel(*arguments, schedule, job)`` on the calling thread and the helper threads at once: ``kernel`` is a
     Numba kernel that holds no GIL and takes its chunks of ``range(total)`` with :func:`vitnp.kernels.take_chunk`.
 
     It runs on the calling thread alone, the whole range as one chunk, when its work, ``macs`` multiply-adds or the
-    equivalent, is below :data:`MIN_SHARED_MACS`; inside a chunk of :func:`map_batch` or :func:`parallel_ranges`
-    (every thread busy already); with one thread or one item; and while another thread's job has the helpers.
+    equivalent, is below :data:`MIN_SHARED_MACS`; inside a chunk of :func:`map_batch` or a :func:`single_threaded`
+    section; with one thread or one item; and while another thread's kernel has the helpers.
     """
-    helpers = _helpers_for(total, macs, MIN_SHARED_MACS)
-    if not helpers:
+    helpers = min(get_num_threads(), _MAX_HELPERS + 1) - 1
+    if (
+        macs < MIN_SHARED_MACS
+        or helpers < 1
+        or total < 2
+        or getattr(_chunk, "running", False)
+        or not _helpers.busy.acquire(blocking=False)
+    ):
         kernel(*arguments, _alone(total), 0)
         return
     try:
-        _helpers.run(kernel, arguments, total, helpers, announce_in_kernel=True)
-    finally:
-        _helpers.busy.release()
-
-
-def parallel_ranges(work, total, macs):
-    """``work(begin, end)`` over ``range(total)``, in chunks that the threads take in turn until none is left.
-
-    For work that is Python calling into code that lets go of the GIL (attention's products through the BLAS, then
-    a softmax); a Numba kernel shares out faster with :func:`run_shared`. The chunks are taken as there
-    (:func:`vitnp.kernels.take_chunk`), and it runs ``work(0, total)`` on the calling thread alone in the same cases,
-    with :data:`MIN_PARALLEL_MACS` as the threshold.
-    """
-    from . import kernels
-
-    helpers = _helpers_for(total, macs, MIN_PARALLEL_MACS)
-    if not helpers:
-        work(0, total)
-        return
-
-    def take_chunks(schedule, job):
-        _chunk.running = True  # a run_shared or parallel_ranges inside ``work`` runs inline
-        try:
-            begin, end = kernels.take_chunk(schedule, job)
-            while begin < end:
-                work(begin, end)
-                begin, end = kernels.take_chunk(schedule, 0)
-        finally:
-            _chunk.running = False
-
-    try:
-        _helpers.run(take_chunks, (), total, helpers, announce_in_kernel=False)
+        _helpers.run(kernel, arguments, total, helpers)
     finally:
         _helpers.busy.release()
