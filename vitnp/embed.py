@@ -17,10 +17,10 @@ see the weights file (another machine without a shared filesystem), the client b
 to every worker with ``client.scatter(..., broadcast=True)``; a task then gets the copy already in its worker's memory.
 
 Every batch runs whole on one thread, with the BLAS and vitnp's kernels single-threaded
-(:func:`vitnp.threads.single_threaded`): a worker of ``nthreads`` threads runs that many shards at once, one core each, and so
-uses its own cores and no more, whatever the machine has. ``LocalCluster(threads_per_worker=1)`` gives one worker
-process per core. It also makes the numbers independent of the cluster: a row's values depend (in the last bits, as
-OpenBLAS picks kernels by matrix size) on the batch it is computed in, never on threads or workers.
+(:func:`vitnp.threads.single_threaded`): a worker of ``nthreads`` threads runs that many shards at once, one core
+each, and so uses its own cores and no more, whatever the machine has. ``LocalCluster(threads_per_worker=1)`` gives
+one worker process per core. It also makes the numbers independent of the cluster: a row's values depend (in the
+last bits, as OpenBLAS picks kernels by matrix size) on the batch it is computed in, never on threads or workers.
 
 The same shard function runs in this process with ``workers=0`` (no Dask; ``vitnp.get_num_threads()`` shards at
 once): a cluster run's output equals it row for row, bit for bit. Needs the ``scale`` extra:

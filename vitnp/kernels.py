@@ -40,8 +40,8 @@ MACS_PER_VALUE = 128
 
 
 def set_num_threads(n):
-    """Numba's thread count (capped at the threads it started with). vitnp's own kernels are serial; this is for
-    :func:`vitnp.set_num_threads`, which sets every thread pool together."""
+    """Numba's thread count (capped at the threads it started with). vitnp's kernels use vitnp.threads' helpers, not
+    Numba's threads; this is for :func:`vitnp.set_num_threads`, which sets every thread pool together."""
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
@@ -607,9 +607,10 @@ def window_reverse(windows, window_size, H, W, out=None):
 # MobileViT: depthwise convolution, SiLU, per-channel affine (BatchNorm in eval mode / a conv bias) + SiLU
 #
 # Feature maps are NCHW, (B, C, H, W), timm's layout for convolutional networks: the loops run over the B*C planes
-# (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row. Serial, as the ViT
-# kernels and for the same reason: parallel versions fought the BLAS's spinning threads (mobilevit_xxs was 4.2x
-# torch's time at batch 1 with them, 0.6x without; benchmarks/README.md). A batch is split across threads above them.
+# (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row. Serial: they run
+# between the convolutions' multi-threaded BLAS calls, whose worker thread keeps spinning on the other core after
+# each, and shared out (run_shared) they made mobilevit_s ~15% slower at batch 1 (Numba's prange threads earlier:
+# mobilevit_xxs 4.2x torch's time at batch 1; benchmarks/README.md). A batch is split across threads above them.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
