@@ -233,8 +233,15 @@ def build_case(model_name, dtype):
 # ----------------------------------------------------------------------------------------------- timing
 
 
+PAUSE_S = 0.1
+
+
 def time_alternating(forwards, x, warmup, repeats):
-    """Median seconds per forward of each engine; the engines take turns, and the order flips every repeat."""
+    """Median seconds per forward of each engine; the engines take turns, and the order flips every repeat.
+
+    Each timed forward starts after a pause of :data:`PAUSE_S`: torch's OpenMP threads, onnxruntime's and vitnp's
+    helpers keep spinning for a while after a forward, and would otherwise take a core from the next engine.
+    """
     for _ in range(warmup):
         for forward in forwards.values():
             forward(x)
@@ -244,6 +251,7 @@ def time_alternating(forwards, x, warmup, repeats):
     try:
         for r in range(repeats):
             for name in order if r % 2 == 0 else order[::-1]:
+                time.sleep(PAUSE_S)
                 start = time.perf_counter()
                 forwards[name](x)
                 samples[name].append(time.perf_counter() - start)
