@@ -55,7 +55,8 @@ def main():
             times[tree] += json.loads(run.stdout)
     for tree, t in times.items():
         print(f"{tree}: median {statistics.median(t):.1f} ms/img (min {min(t):.1f})")
-    print(f"after / before, medians: {statistics.median(times[args.after]) / statistics.median(times[args.before]):.3f}")
+    ratio = statistics.median(times[args.after]) / statistics.median(times[args.before])
+    print(f"after / before, medians: {ratio:.3f}")
 
 
 if __name__ == "__main__":
