@@ -249,3 +249,21 @@ def test_run_shared_from_two_threads_at_once(share_everything):
     assert len(results) == 2
     for counts in results.values():
         np.testing.assert_array_equal(counts, 50)
+
+
+def test_helpers_not_taking_part_keep_working(restore_threads, monkeypatch):
+    # Three threads started, then jobs for two: the helper left out wakes for each and lets it pass, and takes part
+    # again when there are three threads.
+    monkeypatch.setattr(threads, "MIN_SHARED_MACS", 0)
+    vitnp.set_num_threads(3)
+    threads.run_shared(_count_items, (np.zeros(8, np.int64), np.zeros(8, np.int64)), 8, macs=1)
+    vitnp.set_num_threads(2)
+    for _ in range(200):
+        counts = np.zeros(64, np.int64)
+        threads.run_shared(_count_items, (counts, np.zeros(64, np.int64)), 64, macs=1)
+        np.testing.assert_array_equal(counts, 1)
+    vitnp.set_num_threads(3)
+    counts = np.zeros(64, np.int64)
+    threads.run_shared(_count_items, (counts, np.zeros(64, np.int64)), 64, macs=1)
+    np.testing.assert_array_equal(counts, 1)
+    assert all(thread.is_alive() for thread in threading.enumerate() if thread.name.startswith("vitnp-"))
