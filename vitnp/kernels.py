@@ -983,7 +983,8 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     head_out = np.empty((N, value_panels_count * width), qkv.dtype)
     no_bias_keys = np.zeros(padded_keys, qkv.dtype)
     no_bias_values = np.zeros(value_panels_count * width, qkv.dtype)
-    block_rows = N + 6  # every row in one block: N x padded_keys fits the L2 cache for any window or ViT here
+    q_block_rows = max(6, _L2_ROWS_BYTES // (head_dim * qkv.itemsize) // 6 * 6)  # as in linear(): L2-sized blocks
+    attn_block_rows = max(6, _L2_ROWS_BYTES // (padded_keys * qkv.itemsize) // 6 * 6)
     for item in range(first_item, end_item):
         b = item // heads
         h = item % heads
@@ -998,7 +999,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 value_row = value_panels[p, i]
                 for c in range(min(width, head_dim - p * width)):
                     value_row[c] = v_i[p * width + c]
-        _gemm_panels(q, key_panels, no_bias_keys, attn, 0, key_panels_count, block_rows)  # q k^T; 0 past column N
+        _gemm_panels(q, key_panels, no_bias_keys, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
             if bias.shape[0]:
@@ -1006,7 +1007,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
             if mask.shape[0]:
                 scores += mask[b % mask.shape[0], i]
             _softmax_row(scores)
-        _gemm_panels(attn, value_panels, no_bias_values, head_out, 0, value_panels_count, block_rows)  # attn v
+        _gemm_panels(attn, value_panels, no_bias_values, head_out, 0, value_panels_count, attn_block_rows)  # attn v
         for i in range(N):
             for d in range(head_dim):
                 out[b, i, h, d] = head_out[i, d]
