@@ -185,12 +185,10 @@ class _Helpers:
     """
 
     def __init__(self):
-        from . import kernels
-
         self.busy = threading.Lock()  # one job at a time; a second caller meanwhile runs its work alone
         self.wakeup = threading.Condition()
         self.sleeping = 0  # helpers asleep on ``wakeup``
-        self.schedule = np.zeros(kernels.FINISHED + _MAX_HELPERS, np.int64)
+        self.schedule = None  # made with the first helper (vitnp.kernels, which names its slots, imports this module)
         self.started = 0
         self.job = None  # (function, arguments, how many helpers take part)
         self.errors = []
@@ -229,6 +227,8 @@ class _Helpers:
     def _start(self, helpers):
         from . import kernels
 
+        if self.schedule is None:
+            self.schedule = np.zeros(kernels.FINISHED + _MAX_HELPERS, np.int64)
         job = self.schedule[kernels.JOB]
         for index in range(self.started, helpers):
             self.schedule[kernels.FINISHED + index] = job
