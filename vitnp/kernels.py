@@ -78,15 +78,17 @@ def _float32_from_bits(typingctx, bits):
 
 @intrinsic
 def _fma(typingctx, a, b, c):
-    """``a * b + c`` rounded once (IEEE fused multiply-add), for three floats of one type. In a loop LLVM vectorises
-    it to the vector FMA instruction; without it, strict IEEE order keeps a multiply and an add apart."""
-    if not (isinstance(a, numba.types.Float) and a == b == c):
+    """``a * b + c`` rounded once (IEEE fused multiply-add), for three floats or three vectors (lane by lane, the
+    GEMM's :class:`_Vector`) of one type. On floats in a loop LLVM vectorises it to the vector FMA instruction;
+    without it, strict IEEE order keeps a multiply and an add apart."""
+    if not (a == b == c and isinstance(a, (numba.types.Float, _Vector))):
         return None
+    suffix = f"v{a.lanes}f{a.dtype.bitwidth}" if isinstance(a, _Vector) else f"f{a.bitwidth}"
 
     def codegen(context, builder, signature, args):
         value_type = args[0].type
         fma = cgutils.get_or_insert_function(
-            builder.module, llvmlite.ir.FunctionType(value_type, [value_type] * 3), f"llvm.fma.f{a.bitwidth}"
+            builder.module, llvmlite.ir.FunctionType(value_type, [value_type] * 3), f"llvm.fma.{suffix}"
         )
         return builder.call(fma, list(args))
 
@@ -757,6 +759,17 @@ _I32 = llvmlite.ir.IntType(32)
 _L2_ROWS_BYTES = 1 << 19  # a block of rows of x that stays in the L2 cache (512 KiB; measured against 256 KiB, 1 MiB)
 
 
+def _panel_width(dtype):
+    """Output columns per GEMM panel: two vectors' worth of ``dtype`` lanes."""
+    return 2 * (_VECTOR_BYTES // np.dtype(dtype).itemsize)
+
+
+@numba.njit(cache=True, inline="always")
+def _l2_block_rows(depth, itemsize):
+    """Rows of a (rows, depth) GEMM input per block that stays in the L2 cache, a multiple of the 6-row tile."""
+    return max(6, _L2_ROWS_BYTES // (depth * itemsize) // 6 * 6)
+
+
 class _Vector(numba.types.Type):
     """A SIMD register of float32 or float64 lanes, LLVM's ``<lanes x float>``."""
 
@@ -799,21 +812,6 @@ def _vbroadcast(typingctx, array, index):
         return builder.shuffle_vector(one_lane, one_lane, every_lane)
 
     return vector(array, index), codegen
-
-
-@intrinsic
-def _vfma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane, rounded once (IEEE fused multiply-add)."""
-
-    def codegen(context, builder, signature, args):
-        vector_type = args[0].type
-        suffix = f"v{a.lanes}f{a.dtype.bitwidth}"
-        fma = cgutils.get_or_insert_function(
-            builder.module, llvmlite.ir.FunctionType(vector_type, [vector_type] * 3), f"llvm.fma.{suffix}"
-        )
-        return builder.call(fma, list(args))
-
-    return a(a, b, c), codegen
 
 
 @intrinsic
@@ -864,23 +862,23 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
                     w1 = _vload(weights, w + lanes)  # W[column + lanes : column + width, k]
                     w += width
                     a = _vbroadcast(x_flat, x0 + k)
-                    acc00 = _vfma(a, w0, acc00)
-                    acc01 = _vfma(a, w1, acc01)
+                    acc00 = _fma(a, w0, acc00)
+                    acc01 = _fma(a, w1, acc01)
                     a = _vbroadcast(x_flat, x1 + k)
-                    acc10 = _vfma(a, w0, acc10)
-                    acc11 = _vfma(a, w1, acc11)
+                    acc10 = _fma(a, w0, acc10)
+                    acc11 = _fma(a, w1, acc11)
                     a = _vbroadcast(x_flat, x2 + k)
-                    acc20 = _vfma(a, w0, acc20)
-                    acc21 = _vfma(a, w1, acc21)
+                    acc20 = _fma(a, w0, acc20)
+                    acc21 = _fma(a, w1, acc21)
                     a = _vbroadcast(x_flat, x3 + k)
-                    acc30 = _vfma(a, w0, acc30)
-                    acc31 = _vfma(a, w1, acc31)
+                    acc30 = _fma(a, w0, acc30)
+                    acc31 = _fma(a, w1, acc31)
                     a = _vbroadcast(x_flat, x4 + k)
-                    acc40 = _vfma(a, w0, acc40)
-                    acc41 = _vfma(a, w1, acc41)
+                    acc40 = _fma(a, w0, acc40)
+                    acc41 = _fma(a, w1, acc41)
                     a = _vbroadcast(x_flat, x5 + k)
-                    acc50 = _vfma(a, w0, acc50)
-                    acc51 = _vfma(a, w1, acc51)
+                    acc50 = _fma(a, w0, acc50)
+                    acc51 = _fma(a, w1, acc51)
                 at = i * padded_columns + column
                 _vstore(y_flat, at, acc00)
                 _vstore(y_flat, at + lanes, acc01)
@@ -922,7 +920,7 @@ def pack_linear_weight(weight):
     if weight.ndim != 2 or weight.dtype not in (np.float32, np.float64):
         raise ValueError(f"expected a float32 or float64 weight of shape (out, in), got {weight.dtype} {weight.shape}")
     out_features, in_features = weight.shape
-    width = 2 * (_VECTOR_BYTES // weight.itemsize)
+    width = _panel_width(weight.dtype)
     n_panels = -(-out_features // width)
     padded = np.zeros((n_panels * width, in_features), weight.dtype)
     padded[:out_features] = weight
@@ -949,7 +947,7 @@ def linear(x, packed, bias=None):
     if bias is not None:
         padded_bias[:out_features] = bias
     y = np.empty((rows, n_panels * width), x.dtype)
-    block_rows = max(6, _L2_ROWS_BYTES // (depth * x.itemsize) // 6 * 6)
+    block_rows = _l2_block_rows(depth, x.itemsize)
 
     threads.run_shared(_gemm_shared, (x2, panels, padded_bias, y, block_rows), n_panels, rows * depth * out_features)
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
@@ -983,8 +981,8 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     head_out = np.empty((N, value_panels_count * width), qkv.dtype)
     no_bias_keys = np.zeros(padded_keys, qkv.dtype)
     no_bias_values = np.zeros(value_panels_count * width, qkv.dtype)
-    q_block_rows = max(6, _L2_ROWS_BYTES // (head_dim * qkv.itemsize) // 6 * 6)  # as in linear(): L2-sized blocks
-    attn_block_rows = max(6, _L2_ROWS_BYTES // (padded_keys * qkv.itemsize) // 6 * 6)
+    q_block_rows = _l2_block_rows(head_dim, qkv.itemsize)
+    attn_block_rows = _l2_block_rows(padded_keys, qkv.itemsize)
     for item in range(first_item, end_item):
         b = item // heads
         h = item % heads
@@ -1040,7 +1038,7 @@ def attention(qkv, scale, bias=None, mask=None):
     if mask.shape[0] and (mask.shape[1:] != (N, N) or B % mask.shape[0]):
         raise ValueError(f"attention: mask must be (nW, {N}, {N}) with nW dividing {B}, got {mask.shape}")
     out = np.empty((B, N, heads, head_dim), qkv.dtype)
-    width = 2 * (_VECTOR_BYTES // qkv.itemsize)
+    width = _panel_width(qkv.dtype)
     arguments = (qkv, qkv.dtype.type(scale), bias, mask, out, width)
     threads.run_shared(_attention_shared, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
     return out

@@ -90,24 +90,15 @@ class Attention(Module):
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim)
 
-    def qkv_heads(self, x):
-        """q (scaled), k, v of every head, each (B, heads, N, head_dim)."""
+    def attention_probs(self, x):
+        """softmax(q k^T * scale) for every head: (B, heads, N, N), with v (B, heads, N, head_dim)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views of qkv
-        return q * self.scale, k, v
-
-    @staticmethod
-    def probs(q, k):
-        """softmax(q k^T) of (B, heads, N, head_dim) q and k: (B, heads, N, N)."""
+        q = q * self.scale
         with threads.single_threaded():  # B * heads small products: see vitnp/threads.py
             attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
-        return kernels.softmax(attn, out=attn)
-
-    def attention_probs(self, x):
-        """softmax(q k^T * scale) for every head: (B, heads, N, N), with v (B, heads, N, head_dim)."""
-        q, k, v = self.qkv_heads(x)
-        return self.probs(q, k), v
+        return kernels.softmax(attn, out=attn), v
 
     def __call__(self, x):
         B, N, C = x.shape
@@ -131,14 +122,14 @@ class Mlp(Module):
         return self.fc2(x)
 
 
-def activation(name, x, bias=None):
-    """act(x + bias) in place, for the activations the families use."""
+def activation(name, x):
+    """act(x) in place, for the activations the families use."""
     if name == "gelu":
-        return kernels.gelu(x, bias=bias, out=x)
+        return kernels.gelu(x, out=x)
     if name == "gelu_tanh":
-        return kernels.gelu(x, approximate="tanh", bias=bias, out=x)
+        return kernels.gelu(x, approximate="tanh", out=x)
     if name == "silu":
-        return kernels.silu(x, bias=bias, out=x)
+        return kernels.silu(x, out=x)
     raise ValueError(f"unknown activation {name!r}")
 
 

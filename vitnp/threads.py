@@ -67,7 +67,7 @@ _single_threaded_depth = 0  # how many threads are inside ``single_threaded`` no
 _blas_threads_outside = None  # the BLAS's thread count to restore when the last of them leaves
 _num_threads = None  # vitnp's thread count; None until set: the BLAS's own (or the machine's cores)
 _pool = None  # (threads, ThreadPoolExecutor) for map_batch
-_chunk = threading.local()  # .running is True on a thread while it computes a chunk with others: no further split
+_chunk = threading.local()  # .running is True on a thread computing a batch chunk or single_threaded: no split
 
 
 def get_num_threads():
@@ -207,12 +207,14 @@ class _Helpers:
         schedule[kernels.THREADS] = helpers + 1
         self.job = (kernel, arguments, helpers)
         job = int(schedule[kernels.JOB]) + 1
+        announce = job  # by the kernel
         if self.sleeping:
             schedule[kernels.JOB] = job
+            announce = 0
             with self.wakeup:
                 self.wakeup.notify_all()
         try:
-            kernel(*arguments, schedule, 0 if schedule[kernels.JOB] == job else job)
+            kernel(*arguments, schedule, announce)
         finally:
             if schedule[kernels.JOB] != job:  # the call failed before the kernel ran: the helpers try it and finish
                 schedule[kernels.JOB] = job
