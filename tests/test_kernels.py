@@ -275,6 +275,28 @@ def test_linear_matches_torch_and_numpy_twin(data):
     assert_close(y, ops.linear(x, weight, bias), "kernel")
 
 
+@needs_torch
+@given(st.data(), st.sampled_from(["silu", "gelu", "gelu_tanh"]), st.booleans())
+def test_linear_with_scale_and_activation_matches_torch(data, act, with_scale):
+    # The GEMM's epilogue: act((x W^T) * scale + bias), a conv's BatchNorm and SiLU, or fc1's bias and GELU; every
+    # tile, including the cut-short last panel and the rows past the last 6-row tile.
+    x, weight, bias = _linear_case(data.draw)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    scale = rng.uniform(0.5, 2.0, weight.shape[0]).astype(x.dtype) if with_scale else None
+    y = kernels.linear(x, kernels.pack_linear_weight(weight), bias, act, scale)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
+    z = F.linear(_t(x), _t(weight))
+    z = z * (1.0 if scale is None else _t(scale)) + (0.0 if bias is None else _t(bias))
+    expected = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[act](z)
+    assert_close(y, expected.numpy(), "kernel")
+
+
+def test_linear_rejects_an_unknown_activation():
+    packed = kernels.pack_linear_weight(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        kernels.linear(np.ones((2, 3), np.float32), packed, act="relu")
+
+
 @given(st.data())
 def test_linear_is_exact_on_small_integers(data):
     # Products and sums of small integers are exact in floating point whatever the order: the kernel must give

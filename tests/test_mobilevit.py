@@ -56,7 +56,9 @@ def _images(shape, dtype, seed=0):
 
 
 def _block(model, stage, index):
-    return getattr(getattr(model.stages, str(stage)), str(index))
+    """The vitnp block, called on and returning NCHW maps like timm's (vitnp's blocks work on NHWC maps)."""
+    block = getattr(getattr(model.stages, str(stage)), str(index))
+    return lambda x: np.moveaxis(block(np.ascontiguousarray(np.moveaxis(x, 1, -1))), -1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- state_dict

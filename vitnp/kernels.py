@@ -167,6 +167,38 @@ def _erf_for_dtype(z, dtype):
     return erf_for_float32
 
 
+# The activations a kernel can apply to the values it writes (a GEMM's output tile, a conv's output pixel), by index
+# into ACTIVATIONS: act(x) is applied where the values are still in the L1 cache, instead of in a pass of its own.
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh")
+
+
+def activation_code(name):
+    """The index of activation ``name`` in :data:`ACTIVATIONS`, for a kernel's ``act`` argument."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {ACTIVATIONS}")
+    return ACTIVATIONS.index(name)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _activate(y, start, count, act):
+    # In place on y[start : start + count] of a 1-D array, act an index into ACTIVATIONS:
+    #   silu: v * sigmoid(v) = v / (1 + exp(-v)) (exp(-v) = inf for very negative v gives -0, the right limit)
+    #   gelu: v * Phi(v) = 0.5 * v * (1 + erf(v / sqrt(2)))
+    #   gelu_tanh: 0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 v^3))), torch's approximate='tanh'
+    if act == 1:
+        for c in range(start, start + count):
+            v = y[c]
+            y[c] = v / (_one(y.dtype) + _exp(-v, y.dtype))
+    elif act == 2:
+        for c in range(start, start + count):
+            v = y[c]
+            y[c] = 0.5 * v * (1.0 + _erf(v * _SQRT_HALF, y.dtype))
+    elif act == 3:
+        for c in range(start, start + count):
+            v = y[c]
+            y[c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _sum_lanes(a):
     """sum(a) of a 1-D array in float64, as _LANES interleaved partial sums added at the end."""
@@ -392,56 +424,51 @@ def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
 
 
 @_jit
-def _gelu_erf_rows(x, bias):
-    # In place: GELU(x) = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), with the bias of the preceding Linear
-    # added first.
+def _activation_rows(x, bias, act):
+    # In place: x = act(x + bias), the bias (C,) of the preceding Linear added first, row by row.
     rows, channels = x.shape
     for r in range(rows):
+        row = x[r]
         for c in range(channels):
-            v = x[r, c] + bias[c]
-            x[r, c] = 0.5 * v * (1.0 + _erf(v * _SQRT_HALF, x.dtype))
+            row[c] += bias[c]
+        _activate(row, 0, channels, act)
 
 
 @_jit
-def _gelu_tanh_rows(x, bias):
-    # In place: GELU(x) ~ 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), torch's approximate='tanh'.
-    rows, channels = x.shape
-    for r in range(rows):
-        for c in range(channels):
-            v = x[r, c] + bias[c]
-            x[r, c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+def _activation_shared(x, bias, act, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _activation_rows(x[begin:end], bias, act)
+        begin, end = take_chunk(schedule, 0)
+
+
+def _activation(name, x, bias, out):
+    x2 = _rows(x)
+    if bias is None:
+        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
+    y2 = _rows_to_update(x2, out)
+    _share_rows(_activation_shared, (y2, bias, activation_code(name)), y2)
+    return _result(y2, x.shape, out)
 
 
 def gelu(x, approximate="none", bias=None, out=None):
     """GELU over any array: ``torch.nn.functional.gelu(x + bias, approximate=approximate)``.
 
     ``bias`` (shape (C,), optional) is added first, so a Linear's bias add and the activation are one pass over
-    memory. ``out`` may be ``x`` itself for an in-place update.
+    memory. ``out`` may be ``x`` itself for an in-place update. (vitnp's own Linears apply the activation inside the
+    GEMM: :func:`linear`'s ``act``.)
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
-    x2 = _rows(x)
-    if bias is None:
-        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
-    y2 = _rows_to_update(x2, out)
-    _share_rows(_gelu_erf_shared if approximate == "none" else _gelu_tanh_shared, (y2, bias), y2)
-    return _result(y2, x.shape, out)
+    return _activation("gelu" if approximate == "none" else "gelu_tanh", x, bias, out)
 
 
-@_jit
-def _gelu_erf_shared(x, bias, schedule, job):
-    begin, end = take_chunk(schedule, job)
-    while begin < end:
-        _gelu_erf_rows(x[begin:end], bias)
-        begin, end = take_chunk(schedule, 0)
+def silu(x, bias=None, out=None):
+    """SiLU over any array: ``torch.nn.functional.silu(x + bias)``, the bias (C,) over the last axis.
 
-
-@_jit
-def _gelu_tanh_shared(x, bias, schedule, job):
-    begin, end = take_chunk(schedule, job)
-    while begin < end:
-        _gelu_tanh_rows(x[begin:end], bias)
-        begin, end = take_chunk(schedule, 0)
+    As :func:`gelu`: the bias add of a Linear and the activation in one pass; ``out`` may be ``x`` itself.
+    """
+    return _activation("silu", x, bias, out)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -606,135 +633,81 @@ def window_reverse(windows, window_size, H, W, out=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MobileViT: depthwise convolution, SiLU, per-channel affine (BatchNorm in eval mode / a conv bias) + SiLU
+# MobileViT: depthwise convolution with its BatchNorm and activation
 #
-# Feature maps are NCHW, (B, C, H, W), timm's layout for convolutional networks: the loops run over the B*C planes
-# (or over the rows of a (rows, C) token array for SiLU) and the innermost loop walks along a row. Serial: they run
-# between the convolutions' multi-threaded BLAS calls, whose worker thread keeps spinning on the other core after
-# each, and shared out (run_shared) they made mobilevit_s ~15% slower at batch 1 (Numba's prange threads earlier:
-# mobilevit_xxs 4.2x torch's time at batch 1; benchmarks/README.md). A batch is split across threads above them.
+# Feature maps are NHWC, (B, H, W, C), as for Swin: the innermost loop runs over the channels of one pixel, which are
+# contiguous, and vectorises whatever the stride. The output rows are shared out between threads (:func:`take_chunk`).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @_jit
-def _depthwise_conv2d_planes(x, weight, stride, padding, out):
-    # out[b, c, i, j] = sum_{u, v} weight[c, u, v] * x[b, c, i*stride + u - padding, j*stride + v - padding], taps
-    # outside the map reading zero padding. Each tap adds a scaled run of one input row to an output row; the run is
-    # sliced out first so that the inner loop indexes from 0 (Numba's negative-index wraparound on a shifted index
-    # would keep LLVM from vectorising it), and with stride 1 the slice has no step, so Numba knows it is contiguous
-    # and the loop vectorises (3-4x faster than the strided form at stride 1).
-    B, C, H, W = x.shape
-    Ho, Wo = out.shape[2], out.shape[3]
-    kh, kw = weight.shape[1], weight.shape[2]
-    j_lo = np.empty(kw, np.int64)  # per tap column v: the output columns j whose input column is inside the map
-    j_hi = np.empty(kw, np.int64)
-    for v in range(kw):
-        j_lo[v] = max(0, (padding - v + stride - 1) // stride)
-        j_hi[v] = min(Wo, (W - 1 + padding - v) // stride + 1)
-    for plane in range(B * C):
-        b = plane // C
-        c = plane % C
-        for i in range(Ho):
-            row = out[b, c, i]
-            row[:] = 0.0
+def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, first_row, end_row):
+    # out[b, i, j, c] = act(scale[c] * sum_{u, v} weight[u, v, c] * x[b, i*stride + u - padding, j*stride + v - padding,
+    # c] + shift[c]), taps outside the map reading zero padding, for the output rows b * Ho + i in [first, end).
+    # The sum runs in tap order (u, v) with fused multiply-adds, in the output pixel itself (in the L1 cache).
+    _, H, W, C = x.shape
+    Ho, Wo = out.shape[1], out.shape[2]
+    kh, kw = weight.shape[0], weight.shape[1]
+    for row in range(first_row, end_row):
+        b = row // Ho
+        i = row % Ho
+        for j in range(Wo):
+            pixel = out[b, i, j]  # (C,)
+            pixel[:] = 0.0
             for u in range(kh):
                 src_i = i * stride + u - padding
                 if src_i < 0 or src_i >= H:
                     continue
-                src = x[b, c, src_i]
                 for v in range(kw):
-                    lo, hi = j_lo[v], j_hi[v]
-                    if hi <= lo:
+                    src_j = j * stride + v - padding
+                    if src_j < 0 or src_j >= W:
                         continue
-                    w = weight[c, u, v]
-                    start = lo * stride + v - padding
-                    dst = row[lo:hi]
-                    if stride == 1:
-                        run = src[start : start + (hi - lo)]
-                        for k in range(hi - lo):
-                            dst[k] += w * run[k]
-                    else:
-                        run = src[start : start + stride * (hi - lo - 1) + 1 : stride]
-                        for k in range(hi - lo):
-                            dst[k] += w * run[k]
+                    source = x[b, src_i, src_j]  # (C,)
+                    tap = weight[u, v]  # (C,)
+                    for c in range(C):
+                        pixel[c] = _fma(tap[c], source[c], pixel[c])
+            for c in range(C):
+                pixel[c] = _fma(pixel[c], scale[c], shift[c])
+            _activate(pixel, 0, C, act)
 
 
-def depthwise_conv2d(x, weight, stride=1, padding=0, out=None):
-    """Depthwise conv of a (B, C, H, W) map: ``F.conv2d(x, weight, None, stride, padding, groups=C)``.
+@_jit
+def _depthwise_conv2d_shared(x, weight, scale, shift, act, stride, padding, out, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, begin, end)
+        begin, end = take_chunk(schedule, 0)
 
-    ``weight`` is torch's (C, 1, kh, kw). out[b, c, i, j] = sum_{u, v} weight[c, 0, u, v] * xp[b, c, i*stride + u,
-    j*stride + v] with xp the map zero-padded by ``padding``; the padding is never materialised.
+
+def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act="none"):
+    """Depthwise conv of an NHWC map (B, H, W, C), then a per-channel affine and an activation:
+    ``act(F.conv2d(x, weight, None, stride, padding, groups=C) * scale + shift)`` in NCHW terms, as (B, Ho, Wo, C).
+
+    ``weight`` is torch's (C, 1, kh, kw); ``scale`` / ``shift`` (C,) default to 1 / 0 (a BatchNorm in eval mode as
+    :func:`vitnp.ops.batch_norm_scale_shift` gives them, or a folded conv's bias); ``act`` one of ``ACTIVATIONS``.
+    The padding is never materialised.
     """
+    if x.ndim != 4:
+        raise ValueError(f"depthwise_conv2d: expected an NHWC map (B, H, W, C), got shape {x.shape}")
     x = np.ascontiguousarray(x)
-    B, C, H, W = x.shape
-    if weight.shape[0] != C or weight.shape[1] != 1:
-        raise ValueError(f"depthwise_conv2d: weight {weight.shape} does not fit {C} channels: expected ({C}, 1, kh, kw)")
+    B, H, W, C = x.shape
+    if weight.ndim != 4 or weight.shape[0] != C or weight.shape[1] != 1:
+        expected = f"({C}, 1, kh, kw)"
+        raise ValueError(f"depthwise_conv2d: weight {weight.shape} does not fit {C} channels: expected {expected}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"depthwise_conv2d: input dtype {x.dtype} differs from the weight's {weight.dtype}")
     kh, kw = weight.shape[2], weight.shape[3]
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     if Ho < 1 or Wo < 1:
         raise ValueError(f"depthwise_conv2d: a {kh}x{kw} kernel does not fit a {H}x{W} map padded by {padding}")
-    if out is None:
-        out = np.empty((B, C, Ho, Wo), dtype=x.dtype)
-    _depthwise_conv2d_planes(x, np.ascontiguousarray(weight.reshape(C, kh, kw)), stride, padding, out)
+    taps = np.ascontiguousarray(weight.reshape(C, kh, kw).transpose(1, 2, 0))  # (kh, kw, C)
+    scale = np.ones(C, x.dtype) if scale is None else np.ascontiguousarray(scale, x.dtype)
+    shift = np.zeros(C, x.dtype) if shift is None else np.ascontiguousarray(shift, x.dtype)
+    out = np.empty((B, Ho, Wo, C), dtype=x.dtype)
+    arguments = (x, taps, scale, shift, activation_code(act), stride, padding, out)
+    macs = out.size * (kh * kw + (MACS_PER_VALUE if act != "none" else 1))
+    threads.run_shared(_depthwise_conv2d_shared, arguments, B * Ho, macs)
     return out
-
-
-@_jit
-def _silu_rows(x, bias):
-    # In place: SiLU(v) = v * sigmoid(v) = v / (1 + exp(-v)), v = x + bias: the bias of the preceding Linear added
-    # first. exp(-v) is huge for very negative v and v / (1 + exp(-v)) goes to -0, the right limit.
-    rows, channels = x.shape
-    for r in range(rows):
-        for c in range(channels):
-            v = x[r, c] + bias[c]
-            x[r, c] = v / (_one(x.dtype) + _exp(-v, x.dtype))
-
-
-def silu(x, bias=None, out=None):
-    """SiLU over any array: ``torch.nn.functional.silu(x + bias)``, the bias (C,) over the last axis.
-
-    As :func:`gelu`: the bias add of a Linear and the activation in one pass; ``out`` may be ``x`` itself.
-    """
-    x2 = _rows(x)
-    if bias is None:
-        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
-    y2 = _rows_to_update(x2, out)
-    _silu_rows(y2, bias)
-    return _result(y2, x.shape, out)
-
-
-@_jit
-def _channel_affine_planes(x, scale, shift, apply_silu):
-    # In place on a (B, C, L) array: y = x * scale[c] + shift[c] over each (b, c) plane, then SiLU(y) = y / (1 +
-    # exp(-y)) when apply_silu.
-    B, C, L = x.shape
-    for plane in range(B * C):
-        b = plane // C
-        c = plane % C
-        s = scale[c]
-        t = shift[c]
-        if apply_silu:
-            for k in range(L):
-                y = x[b, c, k] * s + t
-                x[b, c, k] = y / (_one(x.dtype) + _exp(-y, x.dtype))
-        else:
-            for k in range(L):
-                x[b, c, k] = x[b, c, k] * s + t
-
-
-def channel_affine(x, scale, shift, act="none", out=None):
-    """act(x * scale[c] + shift[c]) over channel axis 1 of a (B, C, ...) map; act is 'silu' or 'none'.
-
-    With BatchNorm's scale and shift (:func:`vitnp.ops.batch_norm_scale_shift`) this is ``F.batch_norm`` in eval
-    mode, then ``F.silu`` or nothing; with scale 1 it adds a conv bias. ``out`` may be ``x`` for an in-place update.
-    """
-    if act not in ("none", "silu"):
-        raise ValueError(f"channel_affine act must be 'none' or 'silu', got {act!r}")
-    x = np.ascontiguousarray(x)
-    x3 = x.reshape(x.shape[0], x.shape[1], -1)  # (B, C, L)
-    y3 = _rows_to_update(x3, out)
-    _channel_affine_planes(y3, scale, shift, act == "silu")
-    return y3.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -745,9 +718,11 @@ def channel_affine(x, scale, shift, act="none", out=None):
 # Here each weight matrix is packed once into panels of two vectors' worth of output columns, the panel's weights for
 # one k side by side, and a register-blocked micro-kernel computes a tile of 6 rows x 1 panel of y: for every k it
 # loads the panel's two weight vectors, broadcasts the 6 inputs x[i, k] in turn and accumulates their products in 12
-# vector registers with fused multiply-adds, starting from the bias, in k order. The accumulators stay in registers
-# over the whole depth and are stored once. The panels are shared out between threads
-# (:func:`take_chunk`); inside a chunk of a batch split across threads the product is serial.
+# vector registers with fused multiply-adds, from zero, in k order. The accumulators stay in registers over the whole
+# depth and are stored once, after one more fused multiply-add each, acc * scale + bias (scale 1 for a Linear; a
+# BatchNorm's scale for a conv), and the tile then gets its activation while it is in the L1 cache (fc1 + GELU in one
+# pass over memory). The panels are shared out between threads (:func:`take_chunk`); inside a chunk of a batch split
+# across threads the product is serial.
 # Blocking k as well (the panel's block in L1) measured slower here: the partial sums' extra passes cost more.
 #
 # Numba has no vector type; the few LLVM vector operations the micro-kernel needs are intrinsics over a type of our
@@ -815,6 +790,17 @@ def _vbroadcast(typingctx, array, index):
 
 
 @intrinsic
+def _vzeros(typingctx, array):
+    """A vector of zeros of ``array``'s dtype."""
+    vector = _Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        return llvmlite.ir.Constant(context.get_value_type(vector), None)
+
+    return vector(array), codegen
+
+
+@intrinsic
 def _vstore(typingctx, array, index, vector):
     """``array[index : index + lanes] = vector``."""
 
@@ -829,11 +815,12 @@ def _vstore(typingctx, array, index, vector):
 
 
 @_jit
-def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
-    # y[:, panel columns] = x @ W[panel columns]^T + bias for the panels in [first_panel, end_panel).
+def _gemm_panels(x, panels, scale, shift, act, y, first_panel, end_panel, block_rows):
+    # y[:, panel columns] = act((x @ W[panel columns]^T) * scale + shift) for the panels in [first_panel, end_panel).
     # x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p * width + c, k],
-    # zero past the last output column; bias and the rows of y padded to n_panels * width columns.
-    # The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over them.
+    # zero past the last output column; scale, shift and the rows of y padded to n_panels * width columns; act an
+    # index into ACTIVATIONS. The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over
+    # them.
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -841,11 +828,14 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
     x_flat = x.reshape(-1)
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
+    tile = np.empty(6 * width, y.dtype)  # one 6-row x 1-panel tile of y
     for block in range(0, rows, block_rows):
         for p in range(first_panel, end_panel):
             column = p * width
-            bias0 = _vload(bias, column)
-            bias1 = _vload(bias, column + lanes)
+            scale0 = _vload(scale, column)
+            scale1 = _vload(scale, column + lanes)
+            shift0 = _vload(shift, column)
+            shift1 = _vload(shift, column + lanes)
             for i in range(block, min(block + block_rows, rows), 6):
                 # Where the tile's 6 rows of x start; past the last row, the last row again (computed, not stored).
                 x0 = i * depth
@@ -854,8 +844,8 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
                 x3 = min(i + 3, rows - 1) * depth
                 x4 = min(i + 4, rows - 1) * depth
                 x5 = min(i + 5, rows - 1) * depth
-                acc00 = acc10 = acc20 = acc30 = acc40 = acc50 = bias0  # acc<r><h>: row i + r, half h of the panel
-                acc01 = acc11 = acc21 = acc31 = acc41 = acc51 = bias1
+                acc00 = acc10 = acc20 = acc30 = acc40 = acc50 = _vzeros(y)  # acc<r><h>: row i + r, half h of the panel
+                acc01 = acc11 = acc21 = acc31 = acc41 = acc51 = _vzeros(y)
                 w = p * depth * width
                 for k in range(depth):
                     w0 = _vload(weights, w)  # W[column : column + lanes, k]
@@ -879,31 +869,39 @@ def _gemm_panels(x, panels, bias, y, first_panel, end_panel, block_rows):
                     a = _vbroadcast(x_flat, x5 + k)
                     acc50 = _fma(a, w0, acc50)
                     acc51 = _fma(a, w1, acc51)
-                at = i * padded_columns + column
-                _vstore(y_flat, at, acc00)
-                _vstore(y_flat, at + lanes, acc01)
-                if i + 1 < rows:
-                    _vstore(y_flat, at + padded_columns, acc10)
-                    _vstore(y_flat, at + padded_columns + lanes, acc11)
-                if i + 2 < rows:
-                    _vstore(y_flat, at + 2 * padded_columns, acc20)
-                    _vstore(y_flat, at + 2 * padded_columns + lanes, acc21)
-                if i + 3 < rows:
-                    _vstore(y_flat, at + 3 * padded_columns, acc30)
-                    _vstore(y_flat, at + 3 * padded_columns + lanes, acc31)
-                if i + 4 < rows:
-                    _vstore(y_flat, at + 4 * padded_columns, acc40)
-                    _vstore(y_flat, at + 4 * padded_columns + lanes, acc41)
-                if i + 5 < rows:
-                    _vstore(y_flat, at + 5 * padded_columns, acc50)
-                    _vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
+                acc00, acc01 = _fma(acc00, scale0, shift0), _fma(acc01, scale1, shift1)
+                acc10, acc11 = _fma(acc10, scale0, shift0), _fma(acc11, scale1, shift1)
+                acc20, acc21 = _fma(acc20, scale0, shift0), _fma(acc21, scale1, shift1)
+                acc30, acc31 = _fma(acc30, scale0, shift0), _fma(acc31, scale1, shift1)
+                acc40, acc41 = _fma(acc40, scale0, shift0), _fma(acc41, scale1, shift1)
+                acc50, acc51 = _fma(acc50, scale0, shift0), _fma(acc51, scale1, shift1)
+                # The tile goes through a contiguous scratch copy, where the activation's loop vectorises (over a
+                # 16-column run of y it would not), then row by row into y (rows past the last one dropped).
+                _vstore(tile, 0, acc00)
+                _vstore(tile, lanes, acc01)
+                _vstore(tile, width, acc10)
+                _vstore(tile, width + lanes, acc11)
+                _vstore(tile, 2 * width, acc20)
+                _vstore(tile, 2 * width + lanes, acc21)
+                _vstore(tile, 3 * width, acc30)
+                _vstore(tile, 3 * width + lanes, acc31)
+                _vstore(tile, 4 * width, acc40)
+                _vstore(tile, 4 * width + lanes, acc41)
+                _vstore(tile, 5 * width, acc50)
+                _vstore(tile, 5 * width + lanes, acc51)
+                if act:
+                    _activate(tile, 0, 6 * width, act)
+                for r in range(min(6, rows - i)):
+                    at = (i + r) * padded_columns + column
+                    _vstore(y_flat, at, _vload(tile, r * width))
+                    _vstore(y_flat, at + lanes, _vload(tile, r * width + lanes))
 
 
 @_jit
-def _gemm_shared(x, panels, bias, y, block_rows, schedule, job):
+def _gemm_shared(x, panels, scale, shift, act, y, block_rows, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _gemm_panels(x, panels, bias, y, begin, end, block_rows)
+        _gemm_panels(x, panels, scale, shift, act, y, begin, end, block_rows)
         begin, end = take_chunk(schedule, 0)
 
 
@@ -928,9 +926,13 @@ def pack_linear_weight(weight):
     return PackedWeight(np.ascontiguousarray(panels), out_features)
 
 
-def linear(x, packed, bias=None):
+def linear(x, packed, bias=None, act="none", scale=None):
     """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
-    :func:`pack_linear_weight`. Each output is one chain of fused multiply-adds in k order, starting from the bias.
+    :func:`pack_linear_weight`; then, optionally, a per-output scale and an activation: act((x W^T) * scale + bias).
+
+    Each output is one chain of fused multiply-adds in k order, then scaled and shifted by one more. ``act`` (one of
+    ``ACTIVATIONS``) is applied to each tile of the output while it is in the L1 cache (a Linear then GELU / SiLU in
+    one pass over memory); ``scale`` and ``bias`` (out_features,) carry an eval-mode BatchNorm after a bias-free conv.
     The panels are shared out between threads when the product is big enough to pay for it.
     """
     panels, out_features = packed
@@ -943,13 +945,18 @@ def linear(x, packed, bias=None):
     x2 = _rows(x)
     rows, depth = x2.shape
     n_panels, _, width = panels.shape
-    padded_bias = np.zeros(n_panels * width, x.dtype)
+    padded_scale = np.ones(n_panels * width, x.dtype)
+    padded_shift = np.zeros(n_panels * width, x.dtype)
+    if scale is not None:
+        padded_scale[:out_features] = scale
     if bias is not None:
-        padded_bias[:out_features] = bias
+        padded_shift[:out_features] = bias
     y = np.empty((rows, n_panels * width), x.dtype)
     block_rows = _l2_block_rows(depth, x.itemsize)
 
-    threads.run_shared(_gemm_shared, (x2, panels, padded_bias, y, block_rows), n_panels, rows * depth * out_features)
+    code = activation_code(act)
+    macs = rows * out_features * (depth + (MACS_PER_VALUE if code else 0))
+    threads.run_shared(_gemm_shared, (x2, panels, padded_scale, padded_shift, code, y, block_rows), n_panels, macs)
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
         y = np.ascontiguousarray(y[:, :out_features])
     return y.reshape(*x.shape[:-1], out_features)
@@ -979,8 +986,8 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     value_panels = np.zeros((value_panels_count, padded_keys, width), qkv.dtype)  # [p, j, c] = v[j, p * width + c]
     attn = np.empty((N, padded_keys), qkv.dtype)
     head_out = np.empty((N, value_panels_count * width), qkv.dtype)
-    no_bias_keys = np.zeros(padded_keys, qkv.dtype)
-    no_bias_values = np.zeros(value_panels_count * width, qkv.dtype)
+    ones = np.ones(max(padded_keys, value_panels_count * width), qkv.dtype)  # the products' scale and shift: none
+    zeros = np.zeros(max(padded_keys, value_panels_count * width), qkv.dtype)
     q_block_rows = _l2_block_rows(head_dim, qkv.itemsize)
     attn_block_rows = _l2_block_rows(padded_keys, qkv.itemsize)
     for item in range(first_item, end_item):
@@ -997,7 +1004,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 value_row = value_panels[p, i]
                 for c in range(min(width, head_dim - p * width)):
                     value_row[c] = v_i[p * width + c]
-        _gemm_panels(q, key_panels, no_bias_keys, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
+        _gemm_panels(q, key_panels, ones, zeros, 0, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
             if bias.shape[0]:
@@ -1005,7 +1012,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
             if mask.shape[0]:
                 scores += mask[b % mask.shape[0], i]
             _softmax_row(scores)
-        _gemm_panels(attn, value_panels, no_bias_values, head_out, 0, value_panels_count, attn_block_rows)  # attn v
+        _gemm_panels(attn, value_panels, ones, zeros, 0, head_out, 0, value_panels_count, attn_block_rows)  # attn v
         for i in range(N):
             for d in range(head_dim):
                 out[b, i, h, d] = head_out[i, d]

@@ -12,14 +12,17 @@ from .weights import release_mapped_pages
 _packing_lock = threading.Lock()
 
 
-def packed_weight(module, name="weight"):
+def packed_weight(module, name="weight", weight=None, channels_last=False):
     """``module``'s parameter ``name`` as a (out, in) matrix packed for :func:`vitnp.kernels.linear`.
 
-    Packed on first use and kept while the parameter is the same array; a new array (``load_state_dict``,
-    ``init_weights``) is packed again. The packed array is marked read-only, so that an in-place change, which the
-    packed copy would not see, fails loudly; the pages of a memory-mapped weight are released once it is packed.
+    ``weight`` replaces the parameter by an array made from it (a BatchNorm-folded conv weight). A conv weight (out,
+    C, kh, kw) is flattened in torch's (C, kh, kw) order, or in (kh, kw, C) order with ``channels_last`` (the order of
+    an NHWC map's im2col columns). Packed on first use and kept while the array is the same; a new array
+    (``load_state_dict``, ``init_weights``) is packed again. The array is marked read-only, so that an in-place
+    change, which the packed copy would not see, fails loudly; the pages of a memory-mapped weight are released once
+    it is packed.
     """
-    weight = module._parameters[name]
+    weight = module._parameters[name] if weight is None else weight
     slot = f"_packed_{name}"
     cached = module.__dict__.get(slot)
     if cached is None or cached[0] is not weight:
@@ -27,7 +30,8 @@ def packed_weight(module, name="weight"):
             cached = module.__dict__.get(slot)
             if cached is None or cached[0] is not weight:
                 weight.flags.writeable = False
-                cached = (weight, kernels.pack_linear_weight(weight.reshape(weight.shape[0], -1)))
+                matrix = weight.transpose(0, 2, 3, 1) if channels_last else weight  # (out, kh, kw, C) or as stored
+                cached = (weight, kernels.pack_linear_weight(matrix.reshape(weight.shape[0], -1)))
                 release_mapped_pages(weight)
                 object.__setattr__(module, slot, cached)
     return cached[1]
@@ -43,8 +47,9 @@ class Linear(Module):
             self.add_parameter("bias", (out_features,), "zeros")
         self.has_bias = bias
 
-    def __call__(self, x):
-        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None)
+    def __call__(self, x, act="none"):
+        """x W^T + b, then ``act`` ('none', 'gelu', 'gelu_tanh', 'silu') applied in the same pass over memory."""
+        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None, act)
 
 
 class LayerNorm(Module):
@@ -117,20 +122,8 @@ class Mlp(Module):
         self.act = act
 
     def __call__(self, x):
-        x = self.fc1(x)
-        x = activation(self.act, x)
+        x = self.fc1(x, act=self.act)  # fc1, then the activation on each tile of its output as it is written
         return self.fc2(x)
-
-
-def activation(name, x):
-    """act(x) in place, for the activations the families use."""
-    if name == "gelu":
-        return kernels.gelu(x, out=x)
-    if name == "gelu_tanh":
-        return kernels.gelu(x, approximate="tanh", out=x)
-    if name == "silu":
-        return kernels.silu(x, out=x)
-    raise ValueError(f"unknown activation {name!r}")
 
 
 class Block(Module):
@@ -149,4 +142,4 @@ class Block(Module):
         return x
 
 
-__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed", "activation"]
+__all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed"]

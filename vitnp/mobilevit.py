@@ -2,8 +2,10 @@
 
 A conv stem, MobileNetV2 inverted-residual (MV2) blocks, and in stages 2-4 a MobileViT block: local 3x3 conv, 1x1 to
 the transformer width, the map cut into 2x2 patches and a transformer run across the patches once for each of the 4
-pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). Feature maps are
-NCHW, as timm's.
+pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). The model takes and gives NCHW
+arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that every conv is a GEMM over the channels
+(``kernels.linear``) or a depthwise kernel whose loops run along contiguous channels, and the unfold to patches moves
+whole channel vectors. The blocks (``model.stages[s][b]``) take and give NHWC maps.
 
 Parameters carry timm's ``state_dict`` names: ``stem.conv / stem.bn``, ``stages.{s}.{b}.conv1_1x1 / conv2_kxk /
 conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm / conv_proj / conv_fusion``
@@ -11,9 +13,11 @@ conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm
 its running statistics and ``num_batches_tracked`` buffers) and SiLU, except the MV2 projection (no activation) and
 ``conv_1x1`` (bare conv).
 
-BatchNorm runs in eval mode. ``fold_bn=True`` folds each BatchNorm into its conv whenever weights are loaded or
-initialised (weights scaled per output channel, the shift becoming a bias): one pass over memory less per conv,
-equal to the unfolded path up to rounding. The state_dict keeps timm's keys and values either way.
+BatchNorm runs in eval mode, applied with its activation by the conv before it as each output tile is written:
+act(conv(x) * scale + shift). ``fold_bn=True`` instead folds each BatchNorm into its conv whenever weights are loaded
+or initialised (weights scaled per output channel, the shift becoming a bias), equal to the unfolded path up to
+rounding and no faster now that the BatchNorm costs no pass of its own. The state_dict keeps timm's keys and values
+either way.
 """
 
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels, ops
-from .layers import Block, LayerNorm, Linear
+from .layers import Block, LayerNorm, Linear, packed_weight
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -65,38 +69,46 @@ def make_divisible(value, divisor=8, round_limit=0.9):
 
 
 class Conv2d(Module):
-    """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)``.
+    """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)`` on NHWC maps.
 
     Padding is timm's symmetric default ((stride - 1) + (kernel_size - 1)) // 2: 1 for 3x3 (stride 1 or 2), 0 for 1x1.
-    A 1x1 conv is one GEMM, a depthwise conv (one channel per group) the Numba kernel, any other im2col + GEMM.
+    A 1x1 conv is a Linear over the channels, any other conv a Linear over the im2col rows (``ops.conv_windows``),
+    both on ``kernels.linear``; a depthwise conv (one channel per group, the only grouped conv MobileViT has) is the
+    Numba kernel. Each can end in a per-channel scale and shift and an activation: the BatchNorm and SiLU after it.
     """
 
     def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1):
         super().__init__()
-        if in_chs % groups or out_chs % groups:
-            raise ValueError(f"groups={groups} does not divide in_chs={in_chs} and out_chs={out_chs}")
+        self.depthwise = groups == in_chs == out_chs
+        if groups != 1 and not self.depthwise:
+            raise ValueError(f"groups={groups} with in_chs={in_chs}, out_chs={out_chs}: MobileViT's convs are plain "
+                             "(groups=1) or depthwise (groups = in_chs = out_chs)")
         self.add_parameter("weight", (out_chs, in_chs // groups, kernel_size, kernel_size), "lecun_normal")
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = ((stride - 1) + (kernel_size - 1)) // 2
-        self.groups = groups
-        self.depthwise = groups == in_chs == out_chs
 
-    def __call__(self, x, weight=None):
-        """Convolve with the conv's own weight, or with ``weight`` (a BatchNorm-folded copy of it)."""
+    def __call__(self, x, weight=None, scale=None, shift=None, act="none"):
+        """act(conv(x) * scale + shift), per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
+
+        ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1 and 0.
+        """
         weight = self.weight if weight is None else weight
-        weight = np.require(weight, requirements="A")  # the BLAS wants it aligned (np.savez maps it at any offset)
-        if self.kernel_size == 1 and self.stride == 1 and self.groups == 1:
-            return ops.conv1x1(x, weight)
         if self.depthwise:
-            return kernels.depthwise_conv2d(x, weight, self.stride, self.padding)
-        return ops.conv2d(x, weight, None, self.stride, self.padding, self.groups)
+            return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
+        if self.kernel_size == 1 and self.stride == 1:
+            columns = x  # (B, H, W, C): a 1x1 conv is a Linear over the channels
+        else:
+            windows = ops.conv_windows(x, self.kernel_size, self.stride, self.padding)  # (B, Ho, Wo, k, k, C) view
+            columns = windows.reshape(*windows.shape[:3], -1)  # im2col: (B, Ho, Wo, k*k*C), columns in (u, v, c) order
+        return kernels.linear(columns, packed_weight(self, weight=weight, channels_last=True), shift, act, scale)
 
 
 class BatchNormAct2d(Module):
     """timm ``BatchNormAct2d`` in eval mode: act((x - running_mean) / sqrt(running_var + eps) * weight + bias).
 
-    Applied as the per-channel affine x * scale + shift (``ops.batch_norm_scale_shift``) fused with the activation.
+    Its parameters and buffers; the conv before it applies it (:class:`ConvNormAct`) as the per-channel affine x *
+    scale + shift of :meth:`scale_shift`, then the activation, on each output tile as it is written.
     """
 
     def __init__(self, num_features, act="silu", eps=1e-5):
@@ -109,13 +121,13 @@ class BatchNormAct2d(Module):
         self.act = act
         self.eps = eps
 
-    def __call__(self, x):
-        scale, shift = ops.batch_norm_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
-        return kernels.channel_affine(x, scale, shift, self.act, out=x)
+    def scale_shift(self):
+        """(scale, shift) per channel, ``ops.batch_norm_scale_shift`` of the current parameters."""
+        return ops.batch_norm_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
 
 class ConvNormAct(Module):
-    """timm ``ConvNormAct``: bias-free conv -> BatchNorm -> activation ('silu' or 'none').
+    """timm ``ConvNormAct``: bias-free conv -> BatchNorm -> activation ('silu' or 'none'), in one pass over memory.
 
     After :meth:`fold` the BatchNorm lives in the conv: conv(x, weight * scale) + shift, then the activation.
     """
@@ -129,16 +141,14 @@ class ConvNormAct(Module):
     def fold(self):
         """Fold the BatchNorm into the conv, from the current parameters (``ops.fold_batch_norm``)."""
         bn = self.bn
-        stats = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        weight, bias = ops.fold_batch_norm(self.conv.weight, *stats)
-        self.folded = (weight, np.ones_like(bias), bias)
+        self.folded = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
     def __call__(self, x):
         if self.folded is None:
-            return self.bn(self.conv(x))
-        weight, ones, bias = self.folded
-        x = self.conv(x, weight)
-        return kernels.channel_affine(x, ones, bias, self.bn.act, out=x)  # folded BN shift as the conv bias, then act
+            scale, shift = self.bn.scale_shift()
+            return self.conv(x, scale=scale, shift=shift, act=self.bn.act)  # conv, BatchNorm, act
+        weight, bias = self.folded
+        return self.conv(x, weight, shift=bias, act=self.bn.act)  # the folded conv, its bias the BatchNorm's shift
 
 
 class BottleneckBlock(Module):
@@ -158,9 +168,9 @@ class BottleneckBlock(Module):
 
     def __call__(self, x):
         shortcut = x
-        x = self.conv1_1x1(x)  # (B, mid, H, W)
-        x = self.conv2_kxk(x)  # (B, mid, H / stride, W / stride)
-        x = self.conv3_1x1(x)  # (B, out, H / stride, W / stride)
+        x = self.conv1_1x1(x)  # (B, H, W, mid)
+        x = self.conv2_kxk(x)  # (B, H / stride, W / stride, mid)
+        x = self.conv3_1x1(x)  # (B, H / stride, W / stride, out)
         if self.has_shortcut:
             x += shortcut
         return x
@@ -185,32 +195,37 @@ class MobileVitBlock(Module):
 
     def __call__(self, x):
         shortcut = x
-        x = self.conv_kxk(x)  # (B, C, H, W): local representation
-        x = self.conv_1x1(x)  # (B, d, H, W)
+        x = self.conv_kxk(x)  # (B, H, W, C): local representation
+        x = self.conv_1x1(x)  # (B, H, W, d)
 
         p = self.patch_size
-        B, d, H, W = x.shape
+        B, H, W, d = x.shape
         new_h, new_w = -(-H // p) * p, -(-W // p) * p
         resized = (new_h, new_w) != (H, W)
         if resized:  # timm resizes a map that is not whole patches (padding would need masking in attention)
-            x = ops.resize_bilinear(x, (new_h, new_w))
+            x = _resize_nhwc(x, (new_h, new_w))
         nh, nw = new_h // p, new_w // p
         # Unfold: token n = i*nw + j of sequence b*P + ph*p + pw is pixel (i*p + ph, j*p + pw) of image b, so each of
         # the P = p*p sequences of an image holds one pixel position of every patch.
-        x = x.reshape(B, d, nh, p, nw, p).transpose(0, 3, 5, 2, 4, 1)  # (B, ph, pw, nh, nw, d)
+        x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
         x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
 
         for block in self.transformer_blocks:  # global representation
             x = block(x)
         x = self.norm(x)
 
-        x = x.reshape(B, p, p, nh, nw, d).transpose(0, 5, 3, 1, 4, 2)  # (B, d, nh, ph, nw, pw): fold
-        x = x.reshape(B, d, new_h, new_w)
+        x = x.reshape(B, p, p, nh, nw, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d): fold
+        x = x.reshape(B, new_h, new_w, d)
         if resized:
-            x = ops.resize_bilinear(x, (H, W))
+            x = _resize_nhwc(x, (H, W))
 
-        x = self.conv_proj(x)  # (B, C, H, W)
-        return self.conv_fusion(np.concatenate([shortcut, x], axis=1))  # (B, 2C, H, W) -> (B, C, H, W)
+        x = self.conv_proj(x)  # (B, H, W, C)
+        return self.conv_fusion(np.concatenate([shortcut, x], axis=-1))  # (B, H, W, 2C) -> (B, H, W, C)
+
+
+def _resize_nhwc(x, size):
+    """``ops.resize_bilinear`` of an NHWC map: (B, H, W, C) -> (B, size[0], size[1], C)."""
+    return np.ascontiguousarray(ops.resize_bilinear(x.transpose(0, 3, 1, 2), size).transpose(0, 2, 3, 1))
 
 
 class MobileViT(Model):
@@ -298,11 +313,11 @@ class MobileViT(Model):
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, num_features, h, w): stem, MV2 and MobileViT blocks, final 1x1 conv."""
-        x = self.check_input(x)
-        x = self.stem(x)  # (B, stem_chs, H / 2, W / 2)
+        x = _to_nhwc(self.check_input(x))  # (B, H, W, C): the blocks work on NHWC maps
+        x = self.stem(x)  # (B, H / 2, W / 2, stem_chs)
         for block in self.block_list:
             x = block(x)
-        return self.final_conv(x)
+        return _to_nchw(self.final_conv(x))  # (B, num_features, h, w)
 
     def forward_trace(self, x):
         """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
@@ -310,13 +325,15 @@ class MobileViT(Model):
         Names are timm's module paths: 'stem' (B, stem_chs, H/2, W/2); 'stages.{s}.{b}' (each MV2 or MobileViT
         block's output, NCHW); 'final_conv' (forward_features); 'pre_logits' (pooled); 'logits' (with a head).
         """
-        x = self.check_input(x)
+        x = _to_nhwc(self.check_input(x))
         trace = {}
-        x = trace["stem"] = self.stem(x)
+        x = self.stem(x)
+        trace["stem"] = _to_nchw(x)
         for s, stage in enumerate(self.stages._modules.values()):
             for b, block in stage._modules.items():
-                x = trace[f"stages.{s}.{b}"] = block(x)
-        x = trace["final_conv"] = self.final_conv(x)
+                x = block(x)
+                trace[f"stages.{s}.{b}"] = _to_nchw(x)
+        x = trace["final_conv"] = _to_nchw(self.final_conv(x))
         trace["pre_logits"] = self.forward_head(x, pre_logits=True)
         if self.cfg.num_classes:
             trace["logits"] = self.forward_head(x)
@@ -334,6 +351,14 @@ class MobileViT(Model):
         if pre_logits or not self.num_classes:
             return x
         return self.head.fc(x)
+
+
+def _to_nhwc(x):
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
+
+
+def _to_nchw(x):
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
 
 
 _MOBILEVIT = data_cfg(256, crop_pct=0.9, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixels in [0, 1], bicubic

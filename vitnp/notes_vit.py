@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels, ops
-from .layers import Identity, LayerNorm, Linear, activation, packed_weight
+from .layers import Identity, LayerNorm, Linear, packed_weight
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -154,8 +154,8 @@ class GeluGeluMLP(Module):
 
     def __call__(self, x):
         fc1, fc2 = getattr(self.net, "0"), getattr(self.net, "3")
-        x = activation("gelu", fc1(x))
-        return activation("gelu", fc2(x))
+        x = fc1(x, act="gelu")
+        return fc2(x, act="gelu")
 
 
 class PreNorm(Module):
@@ -314,7 +314,7 @@ class TransformerEncoderLayer(Module):
 
     def __call__(self, x):
         x = x + self.self_attn(self.norm1(x))
-        h = activation("gelu", self.linear1(self.norm2(x)))
+        h = self.linear1(self.norm2(x), act="gelu")
         return x + self.linear2(h)
 
 
@@ -415,7 +415,7 @@ class LucidrainsFeedForward(Module):
 
     def __call__(self, x):
         norm, fc1, fc2 = (getattr(self.net, i) for i in ("0", "1", "4"))
-        x = activation("gelu", fc1(norm(x)))
+        x = fc1(norm(x), act="gelu")
         return fc2(x)
 
 

@@ -142,10 +142,13 @@ def window_reverse(windows, window_size, H, W):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MobileViT: convolution, BatchNorm (eval), SiLU, bilinear resize, on NCHW maps (B, C, H, W)
+# MobileViT: convolution, BatchNorm (eval), SiLU, bilinear resize, on NHWC maps (B, H, W, C)
 #
-# The models call conv2d / conv1x1 / resize_bilinear / fold_batch_norm from here; depthwise convolution, SiLU and the
-# BatchNorm affine run as the Numba kernels of the same names in :mod:`vitnp.kernels`, held to the definitions here.
+# MobileViT keeps its feature maps NHWC, as Swin does: a 1x1 conv is then a Linear over the channels, a kxk conv a
+# Linear over the im2col rows of :func:`conv_windows` (both on :func:`vitnp.kernels.linear`, with the BatchNorm and
+# SiLU applied as each output tile is written), and the depthwise kernel's innermost loop runs over contiguous
+# channels. The model calls conv_windows / batch_norm_scale_shift / fold_batch_norm / resize_bilinear from here; the
+# definitions of conv2d, depthwise_conv2d, batch_norm and silu are what those kernels are held to.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -154,84 +157,59 @@ def conv_output_size(size, kernel_size, stride, padding):
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-def _pad_hw(x, padding):
-    return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-
-
-def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1):
-    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=groups)`` (dilation 1), by im2col.
-
-    out[b, o, i, j] = bias[o] + sum_{c, u, v} weight[o, c, u, v] * xp[b, g*Cg + c, i*stride + u, j*stride + v] with
-    xp the input zero-padded by ``padding`` on every side, Cg = C / groups input channels per group and g = o // (O /
-    groups) the group of output channel o. The windows are a strided view of xp, copied once into column matrices
-    (B, groups, Cg*kh*kw, Ho*Wo) whose rows follow the weight's (c, u, v) order: then one GEMM per image and group,
-    whose (B, groups, O / groups, Ho*Wo) result is already NCHW.
+def conv_windows(x, kernel_size, stride, padding):
+    """The kernel_size x kernel_size windows of an NHWC map (B, H, W, C) zero-padded by ``padding`` on every side, as
+    a read-only strided view (B, Ho, Wo, kh, kw, C) of the padded copy xp: windows[b, i, j, u, v] = xp[b, i*stride +
+    u, j*stride + v]. Reshaped to (B, Ho, Wo, kh*kw*C) (one copy) it is the im2col matrix of a convolution.
     """
-    B, C, H, W = x.shape
-    O, Cg, kh, kw = weight.shape
-    if C != Cg * groups or O % groups:
-        raise ValueError(f"conv2d: weight {weight.shape} with groups={groups} does not fit {C} input channels")
-    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
+    if x.ndim != 4:
+        raise ValueError(f"conv: expected an NHWC map (B, H, W, C), got shape {x.shape}")
+    B, H, W, C = x.shape
+    Ho, Wo = conv_output_size(H, kernel_size, stride, padding), conv_output_size(W, kernel_size, stride, padding)
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit a {H}x{W} map padded by {padding}")
-    xp = _pad_hw(x, padding)
-    sb, sc, sh, sw = xp.strides
-    windows = as_strided(
-        xp, shape=(B, C, kh, kw, Ho, Wo), strides=(sb, sc, sh, sw, sh * stride, sw * stride), writeable=False
-    )
-    cols = windows.reshape(B, groups, Cg * kh * kw, Ho * Wo)
-    out = weight.reshape(groups, O // groups, Cg * kh * kw) @ cols  # (B, groups, O / groups, Ho*Wo)
-    out = out.reshape(B, O, Ho, Wo)
-    if bias is not None:
-        out += bias[:, None, None]
-    return out
+        raise ValueError(f"conv: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} map padded by {padding}")
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    sb, sh, sw, sc = xp.strides
+    shape = (B, Ho, Wo, kernel_size, kernel_size, C)
+    return as_strided(xp, shape=shape, strides=(sb, sh * stride, sw * stride, sh, sw, sc), writeable=False)
 
 
-def conv1x1(x, weight, bias=None):
-    """``torch.nn.functional.conv2d(x, weight, bias)`` for a 1x1 kernel (stride 1, no padding): a plain GEMM.
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding)`` (dilation 1, groups 1) on an NHWC map, by
+    im2col: (B, H, W, C) -> (B, Ho, Wo, O), ``weight`` torch's (O, C, k, k).
 
-    out[b] = W @ x[b] with W the (O, C) weight and x[b] the image as a (C, H*W) matrix: no column matrix needed.
+    out[b, i, j, o] = bias[o] + sum_{u, v, c} weight[o, c, u, v] * xp[b, i*stride + u, j*stride + v, c] with xp the
+    map zero-padded by ``padding``: the windows (:func:`conv_windows`) as a (B, Ho, Wo, k*k*C) matrix times the weight
+    flattened in the same (u, v, c) order.
     """
-    B, C, H, W = x.shape
-    O = weight.shape[0]
-    out = weight.reshape(O, C) @ x.reshape(B, C, H * W)  # (B, O, H*W)
+    O, C, kh, kw = weight.shape
+    if kh != kw or x.ndim != 4 or x.shape[-1] != C:
+        raise ValueError(f"conv2d: weight {weight.shape} does not fit an NHWC map of shape {x.shape}")
+    windows = conv_windows(x, kh, stride, padding)  # (B, Ho, Wo, k, k, C)
+    columns = windows.reshape(*windows.shape[:3], kh * kw * C)  # (B, Ho, Wo, k*k*C)
+    out = columns @ weight.transpose(0, 2, 3, 1).reshape(O, kh * kw * C).T  # (B, Ho, Wo, O)
     if bias is not None:
-        out += bias[:, None]
-    return out.reshape(B, O, H, W)
+        out += bias
+    return out
 
 
 def depthwise_conv2d(x, weight, bias=None, stride=1, padding=0):
-    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=C)`` with weight (C, 1, kh, kw).
-
-    Each channel is filtered by its own kernel: out[b, c, i, j] = bias[c] + sum_{u, v} weight[c, 0, u, v] *
-    xp[b, c, i*stride + u, j*stride + v]. Written as one sum over the kh*kw taps, each tap a strided slice of the
-    padded map (im2col would build a kh*kw times larger matrix for a GEMM that has one output row per group).
+    """``torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=C)`` on an NHWC map (B, H, W, C),
+    ``weight`` torch's (C, 1, k, k): each channel filtered by its own kernel,
+    out[b, i, j, c] = bias[c] + sum_{u, v} weight[c, 0, u, v] * xp[b, i*stride + u, j*stride + v, c].
     """
-    B, C, H, W = x.shape
-    _, _, kh, kw = weight.shape
-    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
-    xp = _pad_hw(x, padding)
-    out = np.zeros((B, C, Ho, Wo), dtype=x.dtype)
-    for u in range(kh):
-        for v in range(kw):
-            tap = xp[:, :, u : u + stride * (Ho - 1) + 1 : stride, v : v + stride * (Wo - 1) + 1 : stride]
-            out += weight[:, 0, u, v, None, None] * tap  # (B, C, Ho, Wo)
+    windows = conv_windows(x, weight.shape[2], stride, padding)  # (B, Ho, Wo, k, k, C)
+    out = np.einsum("bijuvc,cuv->bijc", windows, weight[:, 0])
     if bias is not None:
-        out += bias[:, None, None]
+        out += bias
     return out
 
 
-def _per_channel(v, ndim):
-    return v.reshape(-1, *([1] * (ndim - 2)))  # (C,) -> (C, 1, 1) against (B, C, H, W)
-
-
 def batch_norm(x, weight, bias, running_mean, running_var, eps):
-    """BatchNorm in eval mode, ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)``.
-
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel (axis 1).
+    """BatchNorm in eval mode, ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)``,
+    on an NHWC map (the channels last): y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per channel.
     """
-    mean, var = _per_channel(running_mean, x.ndim), _per_channel(running_var, x.ndim)
-    return (x - mean) / np.sqrt(var + eps) * _per_channel(weight, x.ndim) + _per_channel(bias, x.ndim)
+    return (x - running_mean) / np.sqrt(running_var + eps) * weight + bias
 
 
 def batch_norm_scale_shift(weight, bias, running_mean, running_var, eps):
