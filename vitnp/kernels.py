@@ -875,26 +875,33 @@ def _gemm_panels(x, panels, scale, shift, act, y, first_panel, end_panel, block_
                 acc30, acc31 = _fma(acc30, scale0, shift0), _fma(acc31, scale1, shift1)
                 acc40, acc41 = _fma(acc40, scale0, shift0), _fma(acc41, scale1, shift1)
                 acc50, acc51 = _fma(acc50, scale0, shift0), _fma(acc51, scale1, shift1)
-                # The tile goes through a contiguous scratch copy, where the activation's loop vectorises (over a
-                # 16-column run of y it would not), then row by row into y (rows past the last one dropped).
-                _vstore(tile, 0, acc00)
-                _vstore(tile, lanes, acc01)
-                _vstore(tile, width, acc10)
-                _vstore(tile, width + lanes, acc11)
-                _vstore(tile, 2 * width, acc20)
-                _vstore(tile, 2 * width + lanes, acc21)
-                _vstore(tile, 3 * width, acc30)
-                _vstore(tile, 3 * width + lanes, acc31)
-                _vstore(tile, 4 * width, acc40)
-                _vstore(tile, 4 * width + lanes, acc41)
-                _vstore(tile, 5 * width, acc50)
-                _vstore(tile, 5 * width + lanes, acc51)
-                if act:
-                    _activate(tile, 0, 6 * width, act)
-                for r in range(min(6, rows - i)):
-                    at = (i + r) * padded_columns + column
-                    _vstore(y_flat, at, _vload(tile, r * width))
-                    _vstore(y_flat, at + lanes, _vload(tile, r * width + lanes))
+                at = i * padded_columns + column
+                _vstore(y_flat, at, acc00)
+                _vstore(y_flat, at + lanes, acc01)
+                if i + 1 < rows:
+                    _vstore(y_flat, at + padded_columns, acc10)
+                    _vstore(y_flat, at + padded_columns + lanes, acc11)
+                if i + 2 < rows:
+                    _vstore(y_flat, at + 2 * padded_columns, acc20)
+                    _vstore(y_flat, at + 2 * padded_columns + lanes, acc21)
+                if i + 3 < rows:
+                    _vstore(y_flat, at + 3 * padded_columns, acc30)
+                    _vstore(y_flat, at + 3 * padded_columns + lanes, acc31)
+                if i + 4 < rows:
+                    _vstore(y_flat, at + 4 * padded_columns, acc40)
+                    _vstore(y_flat, at + 4 * padded_columns + lanes, acc41)
+                if i + 5 < rows:
+                    _vstore(y_flat, at + 5 * padded_columns, acc50)
+                    _vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
+                if act:  # on a contiguous copy of the tile, where its loop vectorises (over 16 columns it would not)
+                    tile_rows = min(6, rows - i)
+                    for r in range(tile_rows):
+                        _vstore(tile, r * width, _vload(y_flat, at + r * padded_columns))
+                        _vstore(tile, r * width + lanes, _vload(y_flat, at + r * padded_columns + lanes))
+                    _activate(tile, 0, tile_rows * width, act)
+                    for r in range(tile_rows):
+                        _vstore(y_flat, at + r * padded_columns, _vload(tile, r * width))
+                        _vstore(y_flat, at + r * padded_columns + lanes, _vload(tile, r * width + lanes))
 
 
 @_jit
