@@ -276,25 +276,33 @@ def test_linear_matches_torch_and_numpy_twin(data):
 
 
 @needs_torch
-@given(st.data(), st.sampled_from(["silu", "gelu", "gelu_tanh"]), st.booleans())
-def test_linear_with_scale_and_activation_matches_torch(data, act, with_scale):
-    # The GEMM's epilogue: act((x W^T) * scale + bias), a conv's BatchNorm and SiLU, or fc1's bias and GELU; every
-    # tile, including the cut-short last panel and the rows past the last 6-row tile.
+@given(st.data(), st.sampled_from(["none", "silu", "gelu", "gelu_tanh"]), st.booleans(), st.booleans())
+def test_linear_with_scale_activation_and_residual_matches_torch(data, act, with_scale, with_residual):
+    # The GEMM's epilogue: act((x W^T) * scale + bias) + residual, a conv's BatchNorm and SiLU, fc1's bias and GELU,
+    # a block's last Linear and its residual add; every tile, including the cut-short last panel and the rows past
+    # the last 6-row tile.
     x, weight, bias = _linear_case(data.draw)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     scale = rng.uniform(0.5, 2.0, weight.shape[0]).astype(x.dtype) if with_scale else None
-    y = kernels.linear(x, kernels.pack_linear_weight(weight), bias, act, scale)
+    residual = rng.standard_normal((*x.shape[:-1], weight.shape[0])).astype(x.dtype) if with_residual else None
+    y = kernels.linear(x, kernels.pack_linear_weight(weight), bias, act, scale, residual)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
     z = F.linear(_t(x), _t(weight))
     z = z * (1.0 if scale is None else _t(scale)) + (0.0 if bias is None else _t(bias))
-    expected = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[act](z)
+    activations = {"none": lambda v: v, "silu": F.silu, "gelu": F.gelu,
+                   "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+    expected = activations[act](z) + (0.0 if residual is None else _t(residual))
     assert_close(y, expected.numpy(), "kernel")
 
 
-def test_linear_rejects_an_unknown_activation():
+def test_linear_rejects_an_unknown_activation_or_a_residual_that_does_not_fit():
     packed = kernels.pack_linear_weight(np.ones((4, 3), np.float32))
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         kernels.linear(np.ones((2, 3), np.float32), packed, act="relu")
+    with pytest.raises(ValueError, match=r"residual must be \(2, 4\) float32"):
+        kernels.linear(np.ones((2, 3), np.float32), packed, residual=np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.linear(np.ones((2, 3), np.float32), packed, residual=np.ones((2, 4)))
 
 
 @given(st.data())

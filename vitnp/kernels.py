@@ -815,12 +815,12 @@ def _vstore(typingctx, array, index, vector):
 
 
 @_jit
-def _gemm_panels(x, panels, scale, shift, act, y, first_panel, end_panel, block_rows):
-    # y[:, panel columns] = act((x @ W[panel columns]^T) * scale + shift) for the panels in [first_panel, end_panel).
-    # x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p * width + c, k],
-    # zero past the last output column; scale, shift and the rows of y padded to n_panels * width columns; act an
-    # index into ACTIVATIONS. The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over
-    # them.
+def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_panel, block_rows):
+    # y[:, panel columns] = act((x @ W[panel columns]^T) * scale + shift) + residual for the panels in [first_panel,
+    # end_panel). x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p *
+    # width + c, k], zero past the last output column; scale, shift and the rows of y padded to n_panels * width
+    # columns; act an index into ACTIVATIONS; residual (rows, out_features), or (0, 0): none. The rows go in blocks of
+    # block_rows that stay in the L2 cache while the panels pass over them.
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -829,6 +829,9 @@ def _gemm_panels(x, panels, scale, shift, act, y, first_panel, end_panel, block_
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
     tile = np.empty(6 * width, y.dtype)  # one 6-row x 1-panel tile of y
+    out_features = residual.shape[1]
+    residual_flat = residual.reshape(-1)
+    unit = _vbroadcast(np.ones(1, y.dtype), 0)
     for block in range(0, rows, block_rows):
         for p in range(first_panel, end_panel):
             column = p * width
@@ -902,13 +905,25 @@ def _gemm_panels(x, panels, scale, shift, act, y, first_panel, end_panel, block_
                     for r in range(tile_rows):
                         _vstore(y_flat, at + r * padded_columns, _vload(tile, r * width))
                         _vstore(y_flat, at + r * padded_columns + lanes, _vload(tile, r * width + lanes))
+                if residual.shape[0]:  # a residual connection's add, on the tile while it is in the L1 cache
+                    for r in range(min(6, rows - i)):
+                        row_at = at + r * padded_columns
+                        residual_at = (i + r) * out_features + column
+                        if column + width <= out_features:  # y += residual as fma(residual, 1, y): rounded once
+                            y0 = _vload(y_flat, row_at)
+                            y1 = _vload(y_flat, row_at + lanes)
+                            _vstore(y_flat, row_at, _fma(_vload(residual_flat, residual_at), unit, y0))
+                            _vstore(y_flat, row_at + lanes, _fma(_vload(residual_flat, residual_at + lanes), unit, y1))
+                        else:  # the cut-short last panel
+                            for c in range(out_features - column):
+                                y_flat[row_at + c] += residual_flat[residual_at + c]
 
 
 @_jit
-def _gemm_shared(x, panels, scale, shift, act, y, block_rows, schedule, job):
+def _gemm_shared(x, panels, scale, shift, act, residual, y, block_rows, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _gemm_panels(x, panels, scale, shift, act, y, begin, end, block_rows)
+        _gemm_panels(x, panels, scale, shift, act, residual, y, begin, end, block_rows)
         begin, end = take_chunk(schedule, 0)
 
 
@@ -933,14 +948,16 @@ def pack_linear_weight(weight):
     return PackedWeight(np.ascontiguousarray(panels), out_features)
 
 
-def linear(x, packed, bias=None, act="none", scale=None):
+def linear(x, packed, bias=None, act="none", scale=None, residual=None):
     """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
-    :func:`pack_linear_weight`; then, optionally, a per-output scale and an activation: act((x W^T) * scale + bias).
+    :func:`pack_linear_weight`; then, optionally, a per-output scale, an activation and a residual connection's add:
+    act((x W^T) * scale + bias) + residual.
 
     Each output is one chain of fused multiply-adds in k order, then scaled and shifted by one more. ``act`` (one of
-    ``ACTIVATIONS``) is applied to each tile of the output while it is in the L1 cache (a Linear then GELU / SiLU in
-    one pass over memory); ``scale`` and ``bias`` (out_features,) carry an eval-mode BatchNorm after a bias-free conv.
-    The panels are shared out between threads when the product is big enough to pay for it.
+    ``ACTIVATIONS``) and the add of ``residual`` (the output's shape) are applied to each tile of the output while it
+    is in the L1 cache (a Linear then GELU / SiLU, or a block's last Linear and its residual add, in one pass over
+    memory); ``scale`` and ``bias`` (out_features,) carry an eval-mode BatchNorm after a bias-free conv. The panels
+    are shared out between threads when the product is big enough to pay for it.
     """
     panels, out_features = packed
     if x.dtype != panels.dtype:
@@ -951,6 +968,13 @@ def linear(x, packed, bias=None, act="none", scale=None):
         )
     x2 = _rows(x)
     rows, depth = x2.shape
+    if residual is None:
+        residual2 = np.zeros((0, 0), x.dtype)
+    elif residual.shape != (*x.shape[:-1], out_features) or residual.dtype != x.dtype:
+        expected = f"{(*x.shape[:-1], out_features)} {x.dtype}"
+        raise ValueError(f"linear: residual must be {expected} like the output, got {residual.shape} {residual.dtype}")
+    else:
+        residual2 = _rows(residual)
     n_panels, _, width = panels.shape
     padded_scale = np.ones(n_panels * width, x.dtype)
     padded_shift = np.zeros(n_panels * width, x.dtype)
@@ -963,7 +987,8 @@ def linear(x, packed, bias=None, act="none", scale=None):
 
     code = activation_code(act)
     macs = rows * out_features * (depth + (MACS_PER_VALUE if code else 0))
-    threads.run_shared(_gemm_shared, (x2, panels, padded_scale, padded_shift, code, y, block_rows), n_panels, macs)
+    arguments = (x2, panels, padded_scale, padded_shift, code, residual2, y, block_rows)
+    threads.run_shared(_gemm_shared, arguments, n_panels, macs)
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
         y = np.ascontiguousarray(y[:, :out_features])
     return y.reshape(*x.shape[:-1], out_features)
@@ -995,6 +1020,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     head_out = np.empty((N, value_panels_count * width), qkv.dtype)
     ones = np.ones(max(padded_keys, value_panels_count * width), qkv.dtype)  # the products' scale and shift: none
     zeros = np.zeros(max(padded_keys, value_panels_count * width), qkv.dtype)
+    none = np.zeros((0, 0), qkv.dtype)  # no residual
     q_block_rows = _l2_block_rows(head_dim, qkv.itemsize)
     attn_block_rows = _l2_block_rows(padded_keys, qkv.itemsize)
     for item in range(first_item, end_item):
@@ -1011,7 +1037,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 value_row = value_panels[p, i]
                 for c in range(min(width, head_dim - p * width)):
                     value_row[c] = v_i[p * width + c]
-        _gemm_panels(q, key_panels, ones, zeros, 0, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
+        _gemm_panels(q, key_panels, ones, zeros, 0, none, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
             if bias.shape[0]:
@@ -1019,7 +1045,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
             if mask.shape[0]:
                 scores += mask[b % mask.shape[0], i]
             _softmax_row(scores)
-        _gemm_panels(attn, value_panels, ones, zeros, 0, head_out, 0, value_panels_count, attn_block_rows)  # attn v
+        _gemm_panels(attn, value_panels, ones, zeros, 0, none, head_out, 0, value_panels_count, attn_block_rows)  # attn v
         for i in range(N):
             for d in range(head_dim):
                 out[b, i, h, d] = head_out[i, d]

@@ -47,9 +47,10 @@ class Linear(Module):
             self.add_parameter("bias", (out_features,), "zeros")
         self.has_bias = bias
 
-    def __call__(self, x, act="none"):
-        """x W^T + b, then ``act`` ('none', 'gelu', 'gelu_tanh', 'silu') applied in the same pass over memory."""
-        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None, act)
+    def __call__(self, x, act="none", residual=None):
+        """act(x W^T + b) + residual: the activation ('none', 'gelu', 'gelu_tanh', 'silu') and a residual connection's
+        add (``residual`` shaped as the output) in the same pass over memory as the product."""
+        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None, act, residual=residual)
 
 
 class LayerNorm(Module):
@@ -105,11 +106,12 @@ class Attention(Module):
             attn = q @ k.swapaxes(-2, -1)  # (B, heads, N, N)
         return kernels.softmax(attn, out=attn), v
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """The attention's output, plus ``residual`` when given (added by proj's GEMM)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         x = kernels.attention(qkv, self.scale)  # softmax((q * scale) @ k^T) @ v per head: (B, N, heads, head_dim)
-        return self.proj(x.reshape(B, N, C))
+        return self.proj(x.reshape(B, N, C), residual=residual)
 
 
 class Mlp(Module):
@@ -121,9 +123,10 @@ class Mlp(Module):
         self.fc2 = Linear(hidden_features, in_features)
         self.act = act
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """fc2(act(fc1(x))), plus ``residual`` when given (added by fc2's GEMM)."""
         x = self.fc1(x, act=self.act)  # fc1, then the activation on each tile of its output as it is written
-        return self.fc2(x)
+        return self.fc2(x, residual=residual)
 
 
 class Block(Module):
@@ -137,9 +140,8 @@ class Block(Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
 
     def __call__(self, x):
-        x = x + self.attn(self.norm1(x))
-        x += self.mlp(self.norm2(x))  # in place: x is this block's own array by now
-        return x
+        x = self.attn(self.norm1(x), residual=x)  # x + attn(norm1(x)): proj adds x to each tile it writes
+        return self.mlp(self.norm2(x), residual=x)  # x + mlp(norm2(x)): the add in fc2
 
 
 __all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed"]

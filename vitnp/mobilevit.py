@@ -88,20 +88,24 @@ class Conv2d(Module):
         self.stride = stride
         self.padding = ((stride - 1) + (kernel_size - 1)) // 2
 
-    def __call__(self, x, weight=None, scale=None, shift=None, act="none"):
-        """act(conv(x) * scale + shift), per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
+    def __call__(self, x, weight=None, scale=None, shift=None, act="none", residual=None):
+        """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
 
-        ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1 and 0.
+        ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1 and 0;
+        ``residual`` (the output's shape; not for a depthwise conv) is added as each output tile is written.
         """
         weight = self.weight if weight is None else weight
         if self.depthwise:
+            if residual is not None:
+                raise ValueError("Conv2d: a depthwise conv takes no residual")
             return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
         if self.kernel_size == 1 and self.stride == 1:
             columns = x  # (B, H, W, C): a 1x1 conv is a Linear over the channels
         else:
             windows = ops.conv_windows(x, self.kernel_size, self.stride, self.padding)  # (B, Ho, Wo, k, k, C) view
             columns = windows.reshape(*windows.shape[:3], -1)  # im2col: (B, Ho, Wo, k*k*C), columns in (u, v, c) order
-        return kernels.linear(columns, packed_weight(self, weight=weight, channels_last=True), shift, act, scale)
+        packed = packed_weight(self, weight=weight, channels_last=True)
+        return kernels.linear(columns, packed, shift, act, scale, residual)
 
 
 class BatchNormAct2d(Module):
@@ -143,12 +147,13 @@ class ConvNormAct(Module):
         bn = self.bn
         self.folded = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """act(bn(conv(x))) + residual (``residual`` optional: a block's shortcut, added as each tile is written)."""
         if self.folded is None:
             scale, shift = self.bn.scale_shift()
-            return self.conv(x, scale=scale, shift=shift, act=self.bn.act)  # conv, BatchNorm, act
+            return self.conv(x, scale=scale, shift=shift, act=self.bn.act, residual=residual)  # conv, BatchNorm, act
         weight, bias = self.folded
-        return self.conv(x, weight, shift=bias, act=self.bn.act)  # the folded conv, its bias the BatchNorm's shift
+        return self.conv(x, weight, shift=bias, act=self.bn.act, residual=residual)  # the folded conv: bias = shift
 
 
 class BottleneckBlock(Module):
@@ -170,10 +175,8 @@ class BottleneckBlock(Module):
         shortcut = x
         x = self.conv1_1x1(x)  # (B, H, W, mid)
         x = self.conv2_kxk(x)  # (B, H / stride, W / stride, mid)
-        x = self.conv3_1x1(x)  # (B, H / stride, W / stride, out)
-        if self.has_shortcut:
-            x += shortcut
-        return x
+        residual = shortcut if self.has_shortcut else None
+        return self.conv3_1x1(x, residual=residual)  # (B, H / stride, W / stride, out) (+ shortcut, in its GEMM)
 
 
 class MobileVitBlock(Module):

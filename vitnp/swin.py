@@ -153,7 +153,7 @@ class SwinTransformerBlock(Module):
             raise ValueError(f"this block was built for {self.input_resolution} maps, got {(H, W)}")
         x = x + self._attn(self.norm1(x))
         x = x.reshape(B, H * W, C)
-        x = x + self.mlp(self.norm2(x))
+        x = self.mlp(self.norm2(x), residual=x)  # x + mlp(norm2(x)): the add in fc2
         return x.reshape(B, H, W, C)
 
 
