@@ -1048,7 +1048,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 value_row = value_panels[p, i]
                 for c in range(min(width, head_dim - p * width)):
                     value_row[c] = v_i[p * width + c]
-        _gemm_panels(q, key_panels, ones, zeros, 0, none, attn, 0, key_panels_count, q_block_rows)  # q k^T; 0 past column N
+        _gemm_panels(q, key_panels, ones, zeros, 0, none, attn, 0, key_panels_count, q_block_rows)  # q k^T, 0 past N
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
             if bias.shape[0]:
@@ -1056,7 +1056,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
             if mask.shape[0]:
                 scores += mask[b % mask.shape[0], i]
             _softmax_row(scores)
-        _gemm_panels(attn, value_panels, ones, zeros, 0, none, head_out, 0, value_panels_count, attn_block_rows)  # attn v
+        _gemm_panels(attn, value_panels, ones, zeros, 0, none, head_out, 0, value_panels_count, attn_block_rows)  # @ v
         for i in range(N):
             for d in range(head_dim):
                 out[b, i, h, d] = head_out[i, d]

@@ -2,10 +2,10 @@
 
 A conv stem, MobileNetV2 inverted-residual (MV2) blocks, and in stages 2-4 a MobileViT block: local 3x3 conv, 1x1 to
 the transformer width, the map cut into 2x2 patches and a transformer run across the patches once for each of the 4
-pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). The model takes and gives NCHW
-arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that every conv is a GEMM over the channels
-(``kernels.linear``) or a depthwise kernel whose loops run along contiguous channels, and the unfold to patches moves
-whole channel vectors. The blocks (``model.stages[s][b]``) take and give NHWC maps.
+pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). The model takes and
+gives NCHW arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that every conv is a GEMM over the
+channels (``kernels.linear``) or a depthwise kernel whose loops run along contiguous channels, and the unfold to
+patches moves whole channel vectors. The blocks (``model.stages[s][b]``) take and give NHWC maps.
 
 Parameters carry timm's ``state_dict`` names: ``stem.conv / stem.bn``, ``stages.{s}.{b}.conv1_1x1 / conv2_kxk /
 conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm / conv_proj / conv_fusion``
