@@ -136,7 +136,7 @@ def share_everything(monkeypatch, restore_threads):
 def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everything, monkeypatch, name):
     # At batch 1 every GEMM, attention and row kernel is cut into chunks for two threads: each output is still
     # computed by the same arithmetic in the same order, so the logits are bit-identical to those of the same
-    # forward with nothing shared out (the BLAS, for MobileViT's convolutions, keeps its two threads in both).
+    # forward with nothing shared out.
     overrides = dict(img_size=64, depth=2) if name.startswith("vit") else {"mobilevit_xxs": dict(img_size=64)}.get(name)
     if name.startswith("swin"):
         overrides = dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32)
@@ -145,6 +145,24 @@ def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everythin
     shared = model(x)
     monkeypatch.setattr(threads, "MIN_SHARED_MACS", 2**62)
     np.testing.assert_array_equal(shared, model(x))
+
+
+@pytest.mark.parametrize(("rows", "depth", "out_features"), [(5000, 200, 40), (2000, 24, 300), (700, 64, 7)])
+def test_a_shared_gemm_split_by_rows_and_panels_equals_the_serial_one(share_everything, monkeypatch, rows, depth,
+                                                                      out_features):
+    # A tall product with few panels is shared out by (block of rows, panel) pairs (5000 x 200: 8 blocks of 655 rows x
+    # 3 panels, the last cut short); one with many panels by panels alone. Either way each output is the same chain of
+    # multiply-adds as in the serial product, its activation and residual add included: equal bit for bit.
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, depth)).astype(np.float32)
+    weight = (rng.standard_normal((out_features, depth)) / np.sqrt(depth)).astype(np.float32)
+    bias, residual = rng.standard_normal(out_features).astype(np.float32), rng.standard_normal((rows, out_features))
+    packed = kernels.pack_linear_weight(weight)
+    shared = kernels.linear(x, packed, bias, "silu", residual=residual.astype(np.float32))
+    monkeypatch.setattr(threads, "MIN_SHARED_MACS", 2**62)
+    np.testing.assert_array_equal(shared, kernels.linear(x, packed, bias, "silu", residual=residual.astype(np.float32)))
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    np.testing.assert_allclose(shared, expected / (1 + np.exp(-expected)) + residual, rtol=1e-4, atol=1e-4)
 
 
 # Shared Numba kernels (threads.run_shared): the chunks are taken inside compiled code, without the GIL.
