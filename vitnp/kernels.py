@@ -792,6 +792,18 @@ def _vbroadcast(typingctx, array, index):
 
 
 @intrinsic
+def _vadd(typingctx, a, b):
+    """``a + b`` lane by lane, for two vectors of one type."""
+    if not (a == b and isinstance(a, _Vector)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(*args)
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def _vzeros(typingctx, array):
     """A vector of zeros of ``array``'s dtype."""
     vector = _Vector(array.dtype)
@@ -904,8 +916,7 @@ def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, resi
     # The activation and the residual add of _gemm_panels' tile of tile_rows rows x width columns at y_flat[at],
     # while it is in the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops
     # (inlined there, it cost the plain product 6-13%). The activation runs on a contiguous copy of the tile, where
-    # its loop vectorises (over a 16-column run of y it would not); the residual (rows, out_features) is added as
-    # fma(residual, 1, y), rounded once as the add it is.
+    # its loop vectorises (over a 16-column run of y it would not); then the residual (rows, out_features) is added.
     lanes = width // 2
     if act:
         for r in range(tile_rows):
@@ -918,15 +929,14 @@ def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, resi
     if residual.shape[0]:
         out_features = residual.shape[1]
         residual_flat = residual.reshape(-1)
-        unit = _vbroadcast(np.ones(1, tile.dtype), 0)
         for r in range(tile_rows):
             row_at = at + r * padded_columns
             residual_at = (i + r) * out_features + column
             if column + width <= out_features:
-                y0 = _vload(y_flat, row_at)
-                y1 = _vload(y_flat, row_at + lanes)
-                _vstore(y_flat, row_at, _fma(_vload(residual_flat, residual_at), unit, y0))
-                _vstore(y_flat, row_at + lanes, _fma(_vload(residual_flat, residual_at + lanes), unit, y1))
+                y0 = _vadd(_vload(y_flat, row_at), _vload(residual_flat, residual_at))
+                y1 = _vadd(_vload(y_flat, row_at + lanes), _vload(residual_flat, residual_at + lanes))
+                _vstore(y_flat, row_at, y0)
+                _vstore(y_flat, row_at + lanes, y1)
             else:  # the cut-short last panel
                 for c in range(out_features - column):
                     y_flat[row_at + c] += residual_flat[residual_at + c]
