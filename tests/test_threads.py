@@ -4,6 +4,10 @@ No oracle needed: a batch computed in chunks must equal the images computed alon
 its blocking by the number of rows), and the BLAS's thread count must come back to what it was.
 """
 
+import os
+import platform
+import subprocess
+import sys
 import threading
 
 import numba
@@ -286,3 +290,39 @@ def test_helpers_not_taking_part_keep_working(restore_threads, monkeypatch):
     threads.run_shared(_count_items, (counts, np.zeros(64, np.int64)), 64, macs=1)
     np.testing.assert_array_equal(counts, 1)
     assert all(thread.is_alive() for thread in threading.enumerate() if thread.name.startswith("vitnp-"))
+
+
+_MALLOC_ROUNDS = """
+import resource, sys
+import numpy as np
+import vitnp
+
+def one_round():  # blocks of 1 to 4 MiB allocated and freed, as a forward's activations are
+    arrays = [np.ones(size, np.float32) for size in (1 << 18, 3 << 18, 1 << 20, 1 << 19) * 6]
+    del arrays
+
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    one_round()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds"
+)
+def test_freed_activation_memory_stays_in_the_heap_for_the_next_forward():
+    # With vitnp imported, a round of allocations like a forward's reuses the heap of the round before: (almost) no
+    # page faults. With the system's thresholds (VITNP_SYSTEM_MALLOC=1) the same rounds give the memory back and fault
+    # it in again (thousands of faults per round), which shows the rounds are a fair test.
+    def faults_per_round(**env):
+        environment = {**os.environ, **env}
+        result = subprocess.run(
+            [sys.executable, "-c", _MALLOC_ROUNDS], env=environment, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    assert faults_per_round(VITNP_SYSTEM_MALLOC="0") < 100
+    assert faults_per_round(VITNP_SYSTEM_MALLOC="1") > 1000
