@@ -218,6 +218,30 @@ def _sum_lanes(a):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _max_lanes(a):
+    """max(a) of a non-empty 1-D array, as 8 interleaved running maxima compared at the end: one running maximum is a
+    chain of compare-and-selects, 8 independent ones vectorise (kept in variables: in an array, as :func:`_sum_lanes`
+    keeps its sums, each store might change ``a`` for all LLVM knows, and the loop stayed scalar, 3x slower). A NaN
+    may be missed (a softmax row with a NaN is NaN whatever its maximum)."""
+    n = a.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[0]
+    body = n - n % 8
+    for c in range(0, body, 8):
+        m0 = a[c] if a[c] > m0 else m0
+        m1 = a[c + 1] if a[c + 1] > m1 else m1
+        m2 = a[c + 2] if a[c + 2] > m2 else m2
+        m3 = a[c + 3] if a[c + 3] > m3 else m3
+        m4 = a[c + 4] if a[c + 4] > m4 else m4
+        m5 = a[c + 5] if a[c + 5] > m5 else m5
+        m6 = a[c + 6] if a[c + 6] > m6 else m6
+        m7 = a[c + 7] if a[c + 7] > m7 else m7
+    largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for c in range(body, n):
+        largest = a[c] if a[c] > largest else largest
+    return largest
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _sum_squares_lanes(a):
     """sum(a * a) of a 1-D array in float64, as :func:`_sum_lanes`."""
     n = a.shape[0]
@@ -476,10 +500,7 @@ def silu(x, bias=None, out=None):
 def _softmax_row(x):
     # In place on a 1-D row: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max
     # keeps exp() <= 1.
-    row_max = x[0]
-    for c in range(1, x.shape[0]):
-        if x[c] > row_max:
-            row_max = x[c]
+    row_max = _max_lanes(x)
     for c in range(x.shape[0]):
         x[c] = _exp(x[c] - row_max, x.dtype)
     inv_total = 1.0 / _sum_lanes(x)
