@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 
 import numba
 import numpy as np
@@ -56,6 +57,7 @@ def test_map_batch_runs_one_chunk_per_thread(restore_threads, n_threads, batch, 
 
     def forward(chunk):
         seen.append((len(chunk), threading.get_ident(), threads._OPENBLAS[1]() if threads._OPENBLAS else 1))
+        time.sleep(0.05)  # long enough for every thread to take a chunk (the chunks go to whichever thread is free)
         return chunk * 2.0
 
     x = np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)
@@ -63,11 +65,25 @@ def test_map_batch_runs_one_chunk_per_thread(restore_threads, n_threads, batch, 
     assert sorted(size for size, _, _ in seen) == sorted(sizes)
     if len(sizes) > 1:
         assert all(blas == 1 for _, _, blas in seen)  # each chunk's GEMMs run on its own thread only
-        assert threading.get_ident() not in {ident for _, ident, _ in seen}
+        assert len({ident for _, ident, _ in seen}) == len(sizes)  # the calling thread and the helpers, one each
+
+
+def test_map_batch_runs_on_the_pool_while_another_thread_has_the_helpers(restore_threads):
+    vitnp.set_num_threads(2)
+    seen = []
+
+    def forward(chunk):
+        seen.append(threading.get_ident())
+        return chunk - 1.0
+
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with threads._helpers.busy:  # as while another thread's kernel runs on them
+        np.testing.assert_array_equal(threads.map_batch(forward, x), x - 1.0)
+    assert len(seen) == 2 and threading.get_ident() not in seen
 
 
 def test_map_batch_inside_a_chunk_runs_inline(restore_threads):
-    vitnp.set_num_threads(2)  # a pool of 2, both busy with the outer chunks: a nested split would wait forever
+    vitnp.set_num_threads(2)  # both threads busy with the outer chunks: a nested split would wait forever
     inner_threads = []
 
     def inner(chunk):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, ops
+from . import kernels, ops, threads
 from .layers import Block, LayerNorm, Linear, packed_weight
 from .model import Model, Module
 from .preprocess_config import data_cfg
@@ -213,9 +213,7 @@ class MobileVitBlock(Module):
         x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
         x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
 
-        for block in self.transformer_blocks:  # global representation
-            x = block(x)
-        x = self.norm(x)
+        x = threads.map_batch(self.global_representation, x)  # the B*P sequences are independent: one chunk a thread
 
         x = x.reshape(B, p, p, nh, nw, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d): fold
         x = x.reshape(B, new_h, new_w, d)
@@ -224,6 +222,12 @@ class MobileVitBlock(Module):
 
         x = self.conv_proj(x)  # (B, H, W, C)
         return self.conv_fusion(np.concatenate([shortcut, x], axis=-1))  # (B, H, W, 2C) -> (B, H, W, C)
+
+    def global_representation(self, x):
+        """The transformer and its final norm over sequences (S, N, d), each sequence on its own."""
+        for block in self.transformer_blocks:
+            x = block(x)
+        return self.norm(x)
 
 
 def _resize_nhwc(x, size):

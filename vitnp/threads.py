@@ -10,7 +10,7 @@ Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
 - **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
   own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
   or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
-  own threads.
+  own threads. MobileViT's transformers do the same with the sequences of one image (one per pixel of a patch).
 
 Only NumPy's own OpenBLAS (the wheels bundle it) is controlled; with another BLAS its threads are left alone.
 
@@ -153,6 +153,10 @@ def map_batch(forward, x):
     With one thread, or one image, it is ``forward(x)``; called again from inside a chunk (a model run inside another
     model's forward) it is ``forward(x)`` too, so the pool never waits on itself. ``forward`` must treat the images of
     a batch independently (every model forward does) and return an array whose first axis is the batch.
+
+    The chunks run on the calling thread and the helpers of :func:`run_shared`, which are spinning or quick to wake
+    (a chunk of one image's work, a few milliseconds, does not wait for a sleeping pool thread); while another thread
+    has the helpers, on a thread pool.
     """
     threads = min(get_num_threads(), len(x))
     if threads < 2 or getattr(_chunk, "running", False):
@@ -166,8 +170,25 @@ def map_batch(forward, x):
             _chunk.running = False
 
     chunks = np.array_split(x, threads)
+    results = [None] * threads
+
+    def run_chunks(schedule, job):  # the job of the calling thread and the helpers: the chunks each takes
+        from . import kernels
+
+        begin, end = kernels.take_chunk(schedule, job)
+        while begin < end:
+            for index in range(begin, end):
+                results[index] = run_chunk(chunks[index])
+            begin, end = kernels.take_chunk(schedule, 0)
+
     with single_threaded():
-        results = list(_thread_pool(get_num_threads()).map(run_chunk, chunks))
+        if _helpers.busy.acquire(blocking=False):
+            try:
+                _helpers.run(run_chunks, (), threads, min(threads - 1, _MAX_HELPERS))
+            finally:
+                _helpers.busy.release()
+        else:
+            results = list(_thread_pool(get_num_threads()).map(run_chunk, chunks))
     return np.concatenate(results)
 
 
