@@ -117,6 +117,27 @@ def test_roll_matches_torch_and_numpy(xw, shift_h, shift_w):
     np.testing.assert_array_equal(kernels.roll(rolled, (-shift_h, -shift_w)), x)
 
 
+@needs_torch
+@given(maps(), st.integers(-25, 25), st.integers(-25, 25), st.booleans())
+def test_shifted_partition_and_reverse_with_residual_match_torch(xw, shift_h, shift_w, with_residual):
+    # A shifted-window block's steps in one pass each: partition(roll(x, shift)) (rolled, then padded, as timm), and
+    # roll(reverse(windows), shift) + residual; timm's sequence written out in torch as the reference.
+    x, window = xw
+    _, H, W, _ = x.shape
+    xt = torch.from_numpy(x)
+    windows = kernels.window_partition(x, window, shift=(shift_h, shift_w))
+    expected = torch_window_partition(torch.roll(xt, (shift_h, shift_w), dims=(1, 2)), window)
+    np.testing.assert_array_equal(windows, expected.numpy())
+    scrambled = np.random.default_rng(1).standard_normal(windows.shape).astype(x.dtype)  # padding not zero
+    residual = np.random.default_rng(2).standard_normal(x.shape).astype(x.dtype) if with_residual else None
+    merged = kernels.window_reverse(scrambled, window, H, W, shift=(shift_h, shift_w), residual=residual)
+    expected = torch.roll(torch_window_reverse(torch.from_numpy(scrambled), window, H, W), (shift_h, shift_w), (1, 2))
+    if with_residual:
+        expected = expected + torch.from_numpy(residual)
+    assert merged.dtype == x.dtype
+    np.testing.assert_array_equal(merged, expected.numpy())
+
+
 @given(maps())
 def test_kernels_accept_non_contiguous_input(xw):
     x, window = xw
@@ -134,3 +155,5 @@ def test_kernels_reject_wrong_ranks_with_clear_errors():
         kernels.window_reverse(np.zeros((4, 5, 3), np.float32), (2, 2), 4, 4)
     with pytest.raises(ValueError, match="whole number"):
         kernels.window_reverse(np.zeros((3, 4, 3), np.float32), (2, 2), 4, 4)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.window_reverse(np.zeros((4, 4, 3), np.float32), (2, 2), 4, 4, residual=np.zeros((1, 4, 4, 2), np.float32))

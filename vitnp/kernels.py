@@ -578,8 +578,10 @@ def roll(x, shifts, out=None):
 
 
 @_jit
-def _window_partition(x, window_h, window_w, out):
-    # out[(b*nWh + wi)*nWw + wj, ti*window_w + tj] = x[b, wi*window_h + ti, wj*window_w + tj], or 0 past H or W.
+def _window_partition(x, window_h, window_w, shift_h, shift_w, out):
+    # The windows of the map rolled by (shift_h, shift_w) (0 <= shift < H, W), zero-padded at the bottom / right:
+    # out[(b*nWh + wi)*nWw + wj, ti*window_w + tj] = x[b, (i - shift_h) mod H, (j - shift_w) mod W] with
+    # i = wi*window_h + ti, j = wj*window_w + tj, or 0 for i >= H or j >= W.
     B, H, W, C = x.shape
     n_rows = (H + window_h - 1) // window_h
     n_cols = (W + window_w - 1) // window_w
@@ -588,24 +590,28 @@ def _window_partition(x, window_h, window_w, out):
         wi = strip % n_rows
         for ti in range(window_h):
             i = wi * window_h + ti
+            src_i = i - shift_h if i >= shift_h else i - shift_h + H
             for wj in range(n_cols):
                 w = strip * n_cols + wj
                 for tj in range(window_w):
                     j = wj * window_w + tj
+                    src_j = j - shift_w if j >= shift_w else j - shift_w + W
                     t = ti * window_w + tj
                     if i < H and j < W:
                         for c in range(C):
-                            out[w, t, c] = x[b, i, j, c]
+                            out[w, t, c] = x[b, src_i, src_j, c]
                     else:
                         for c in range(C):
                             out[w, t, c] = 0.0
 
 
-def window_partition(x, window_size, out=None):
+def window_partition(x, window_size, shift=(0, 0), out=None):
     """(B, H, W, C) -> (B*nW, wh*ww, C) windows, zero-padding H and W at the bottom / right to whole windows.
 
     Equals timm's ``F.pad(x, (0, 0, 0, pad_w, 0, pad_h))`` then ``window_partition(x, window_size).view(-1, wh*ww, C)``,
-    in one pass: nW = ceil(H / wh) * ceil(W / ww) windows per image.
+    in one pass: nW = ceil(H / wh) * ceil(W / ww) windows per image. With a ``shift``, the windows of
+    ``torch.roll(x, shift, dims=(1, 2))`` (a shifted-window block's cyclic shift, padded after the roll as in timm),
+    still in one pass.
     """
     x = np.ascontiguousarray(x)
     _check_nhwc(x, "window_partition")
@@ -614,32 +620,43 @@ def window_partition(x, window_size, out=None):
     num_windows = B * -(-H // window_h) * -(-W // window_w)
     if out is None:
         out = np.empty((num_windows, window_h * window_w, C), dtype=x.dtype)
-    _window_partition(x, window_h, window_w, out)
+    _window_partition(x, window_h, window_w, shift[0] % H, shift[1] % W, out)
     return out
 
 
 @_jit
-def _window_reverse(windows, window_h, window_w, out):
-    # out[b, i, j] = windows[(b*nWh + i // window_h)*nWw + j // window_w, (i % window_h)*window_w + j % window_w].
+def _window_reverse(windows, window_h, window_w, shift_h, shift_w, residual, out):
+    # The map of the windows, padding dropped, rolled by (shift_h, shift_w) (0 <= shift < H, W), plus the residual
+    # (B, H, W, C) (or (0, 0, 0, 0): none): out[b, i, j] = windows[(b*nWh + i' // window_h)*nWw + j' // window_w,
+    # (i' % window_h)*window_w + j' % window_w] + residual[b, i, j] with i' = (i - shift_h) mod H, j' likewise.
     B, H, W, C = out.shape
     n_rows = (H + window_h - 1) // window_h
     n_cols = (W + window_w - 1) // window_w
+    add = residual.shape[0] > 0
     for row in range(B * H):
         b = row // H
         i = row % H
-        wi = i // window_h
-        ti = i % window_h
+        src_i = i - shift_h if i >= shift_h else i - shift_h + H
+        wi = src_i // window_h
+        ti = src_i % window_h
         for j in range(W):
-            w = (b * n_rows + wi) * n_cols + j // window_w
-            t = ti * window_w + j % window_w
-            for c in range(C):
-                out[b, i, j, c] = windows[w, t, c]
+            src_j = j - shift_w if j >= shift_w else j - shift_w + W
+            w = (b * n_rows + wi) * n_cols + src_j // window_w
+            t = ti * window_w + src_j % window_w
+            if add:
+                for c in range(C):
+                    out[b, i, j, c] = windows[w, t, c] + residual[b, i, j, c]
+            else:
+                for c in range(C):
+                    out[b, i, j, c] = windows[w, t, c]
 
 
-def window_reverse(windows, window_size, H, W, out=None):
+def window_reverse(windows, window_size, H, W, shift=(0, 0), residual=None, out=None):
     """Inverse of :func:`window_partition`: (B*nW, wh*ww, C) -> (B, H, W, C), dropping the padding.
 
-    Equals timm's ``window_reverse(windows.view(-1, wh, ww, C), window_size, Hp, Wp)[:, :H, :W]``.
+    Equals timm's ``window_reverse(windows.view(-1, wh, ww, C), window_size, Hp, Wp)[:, :H, :W]``; with a ``shift``,
+    that map rolled (``torch.roll(map, shift, dims=(1, 2))``: a shifted-window block's reverse cyclic shift), and with
+    a ``residual`` (B, H, W, C), that plus the residual (the block's shortcut), all in one pass.
     """
     windows = np.ascontiguousarray(windows)
     window_h, window_w = window_size
@@ -648,9 +665,16 @@ def window_reverse(windows, window_size, H, W, out=None):
     per_image = -(-H // window_h) * -(-W // window_w)
     if windows.shape[0] % per_image:
         raise ValueError(f"{windows.shape[0]} windows is not a whole number of {H}x{W} maps ({per_image} windows each)")
+    shape = (windows.shape[0] // per_image, H, W, windows.shape[2])
+    if residual is None:
+        residual = np.zeros((0, 0, 0, 0), windows.dtype)
+    elif residual.shape != shape or residual.dtype != windows.dtype:
+        raise ValueError(f"window_reverse: residual must be {shape} {windows.dtype}, got {residual.shape} {residual.dtype}")
+    else:
+        residual = np.ascontiguousarray(residual)
     if out is None:
-        out = np.empty((windows.shape[0] // per_image, H, W, windows.shape[2]), dtype=windows.dtype)
-    _window_reverse(windows, window_h, window_w, out)
+        out = np.empty(shape, dtype=windows.dtype)
+    _window_reverse(windows, window_h, window_w, shift[0] % H, shift[1] % W, residual, out)
     return out
 
 

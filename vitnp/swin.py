@@ -137,21 +137,18 @@ class SwinTransformerBlock(Module):
         if any(self.shift_size):
             self.attn_mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
 
-    def _attn(self, x):
-        B, H, W, C = x.shape
-        shift_h, shift_w = self.shift_size
-        has_shift = shift_h or shift_w
-        shifted_x = kernels.roll(x, (-shift_h, -shift_w)) if has_shift else x  # cyclic shift
-        x_windows = kernels.window_partition(shifted_x, self.window_size)  # (B*nW, wh*ww, C), zero-padded
-        attn_windows = self.attn(x_windows, mask=self.attn_mask)  # (B*nW, wh*ww, C)
-        shifted_x = kernels.window_reverse(attn_windows, self.window_size, H, W)  # (B, H, W, C), padding dropped
-        return kernels.roll(shifted_x, (shift_h, shift_w)) if has_shift else shifted_x  # reverse cyclic shift
-
     def __call__(self, x):
         B, H, W, C = x.shape
         if (H, W) != self.input_resolution:
             raise ValueError(f"this block was built for {self.input_resolution} maps, got {(H, W)}")
-        x = x + self._attn(self.norm1(x))
+        shortcut = x
+        x = self.norm1(x)
+        shift_h, shift_w = self.shift_size
+        # cyclic shift (SW-MSA), pad to whole windows, partition: one pass
+        x_windows = kernels.window_partition(x, self.window_size, shift=(-shift_h, -shift_w))  # (B*nW, wh*ww, C)
+        attn_windows = self.attn(x_windows, mask=self.attn_mask)  # (B*nW, wh*ww, C)
+        # merge windows, drop the padding, reverse cyclic shift, add the shortcut: one pass
+        x = kernels.window_reverse(attn_windows, self.window_size, H, W, shift=(shift_h, shift_w), residual=shortcut)
         x = x.reshape(B, H * W, C)
         x = self.mlp(self.norm2(x), residual=x)  # x + mlp(norm2(x)): the add in fc2
         return x.reshape(B, H, W, C)
