@@ -192,7 +192,8 @@ def map_batch(forward, x):
     return np.concatenate(results)
 
 
-_SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms
+_SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms on AVX2 Zen 3, 0.08 on AVX-512 Zen 4
+# (8x as many measured no faster there: benchmarks/README.md)
 # Work of fewer multiply-adds (or the equivalent) than this runs on the calling thread alone: handing a kernel's
 # chunks to a helper costs ~25 microseconds here, about this much work on one core.
 MIN_SHARED_MACS = 1 << 23
@@ -204,8 +205,8 @@ class _Helpers:
 
     A job and its progress live in ``schedule``, an int64 array the kernels update atomically (its slots are named in
     :mod:`vitnp.kernels`: JOB, NEXT, TOTAL, THREADS, FINISHED). Between jobs a helper spins on schedule[JOB] in a Numba
-    loop that holds no GIL, for about half a millisecond, and only then sleeps: the ops of a forward come a fraction of
-    a millisecond apart, and waking a sleeping thread took 0.1 to 0.5 ms on this 2-core virtual machine.
+    loop that holds no GIL, for :data:`_SPINS` reads (0.1-0.5 ms), and only then sleeps: the ops of a forward come a
+    fraction of a millisecond apart, and waking a sleeping thread took 0.1 to 0.5 ms on these 2-core virtual machines.
     """
 
     def __init__(self):
