@@ -669,7 +669,8 @@ def window_reverse(windows, window_size, H, W, shift=(0, 0), residual=None, out=
     if residual is None:
         residual = np.zeros((0, 0, 0, 0), windows.dtype)
     elif residual.shape != shape or residual.dtype != windows.dtype:
-        raise ValueError(f"window_reverse: residual must be {shape} {windows.dtype}, got {residual.shape} {residual.dtype}")
+        expected = f"{shape} {windows.dtype}"
+        raise ValueError(f"window_reverse: residual must be {expected}, got {residual.shape} {residual.dtype}")
     else:
         residual = np.ascontiguousarray(residual)
     if out is None:
@@ -1055,16 +1056,16 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
                         acc1 = _fma(_vload(taps, tap + lanes), _vload(x_flat, source + lanes), acc1)
                         acc2 = _fma(_vload(taps, tap + 2 * lanes), _vload(x_flat, source + 2 * lanes), acc2)
                         acc3 = _fma(_vload(taps, tap + 3 * lanes), _vload(x_flat, source + 3 * lanes), acc3)
-                _vstore(out_flat, at + c, _fma(acc0, _vload(scale, c), _vload(shift, c)))
-                _vstore(out_flat, at + c + lanes, _fma(acc1, _vload(scale, c + lanes), _vload(shift, c + lanes)))
-                _vstore(out_flat, at + c + 2 * lanes, _fma(acc2, _vload(scale, c + 2 * lanes), _vload(shift, c + 2 * lanes)))
-                _vstore(out_flat, at + c + 3 * lanes, _fma(acc3, _vload(scale, c + 3 * lanes), _vload(shift, c + 3 * lanes)))
+                for k, acc in enumerate((acc0, acc1, acc2, acc3)):
+                    channel = c + k * lanes
+                    _vstore(out_flat, at + channel, _fma(acc, _vload(scale, channel), _vload(shift, channel)))
                 c += 4 * lanes
             while c + lanes <= C:
                 acc = _vzeros(out)
                 for u in range(first_u, end_u):
                     for v in range(first_v, end_v):
-                        acc = _fma(_vload(taps, (u * kw + v) * C + c), _vload(x_flat, corner + (u * W + v) * C + c), acc)
+                        source = corner + (u * W + v) * C + c
+                        acc = _fma(_vload(taps, (u * kw + v) * C + c), _vload(x_flat, source), acc)
                 _vstore(out_flat, at + c, _fma(acc, _vload(scale, c), _vload(shift, c)))
                 c += lanes
             while c < C:
