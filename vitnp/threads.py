@@ -147,11 +147,12 @@ def _thread_pool(threads):
         return _pool[1]
 
 
-def map_batch(forward, x):
+def map_batch(forward, x, macs=None):
     """``forward(x)`` for a batch ``x`` (B, ...), computed as one chunk of the batch per thread, concatenated.
 
     With one thread, or one image, it is ``forward(x)``; called again from inside a chunk (a model run inside another
-    model's forward) it is ``forward(x)`` too, so the pool never waits on itself. ``forward`` must treat the images of
+    model's forward) it is ``forward(x)`` too, so the pool never waits on itself; and when ``macs``, the work of
+    ``forward(x)`` in multiply-adds, is given and below :data:`MIN_MAPPED_MACS`. ``forward`` must treat the images of
     a batch independently (every model forward does) and return an array whose first axis is the batch.
 
     The chunks run on the calling thread and the helpers of :func:`run_shared`, which are spinning or quick to wake
@@ -159,7 +160,7 @@ def map_batch(forward, x):
     has the helpers, on a thread pool.
     """
     threads = min(get_num_threads(), len(x))
-    if threads < 2 or getattr(_chunk, "running", False):
+    if threads < 2 or getattr(_chunk, "running", False) or (macs is not None and macs < MIN_MAPPED_MACS):
         return forward(x)
 
     def run_chunk(chunk):
@@ -198,6 +199,10 @@ _SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 
 # chunks to a helper costs ~25 microseconds here, about this much work on one core.
 MIN_SHARED_MACS = 1 << 23
 _MAX_HELPERS = 255
+# A forward of less work than this runs on the calling thread alone in map_batch (when its caller says how much): its
+# chunks are Python between small kernels, and the threads running them wait for each other's GIL (mobilevit_s on
+# 32x32 images, whose transformers are split this way at 224x224: 5.1 ms a forward alone, 8.3 split).
+MIN_MAPPED_MACS = 1 << 26
 
 
 class _Helpers:
