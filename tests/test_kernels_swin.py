@@ -156,4 +156,5 @@ def test_kernels_reject_wrong_ranks_with_clear_errors():
     with pytest.raises(ValueError, match="whole number"):
         kernels.window_reverse(np.zeros((3, 4, 3), np.float32), (2, 2), 4, 4)
     with pytest.raises(ValueError, match="residual must be"):
-        kernels.window_reverse(np.zeros((4, 4, 3), np.float32), (2, 2), 4, 4, residual=np.zeros((1, 4, 4, 2), np.float32))
+        residual = np.zeros((1, 4, 4, 2), np.float32)  # the map has 3 channels
+        kernels.window_reverse(np.zeros((4, 4, 3), np.float32), (2, 2), 4, 4, residual=residual)

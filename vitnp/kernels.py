@@ -545,6 +545,12 @@ def _check_nhwc(x, name):
         raise ValueError(f"{name} expects a (B, H, W, C) array of rank 4, got shape {x.shape}")
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rolled_from(i, shift, n):
+    """The index that a roll by ``shift`` (0 <= shift < n) of an axis of length n moves to index i (0 <= i < n)."""
+    return i - shift if i >= shift else i - shift + n
+
+
 @_jit
 def _roll_hw(x, shift_h, shift_w, out):
     # out[b, i, j] = x[b, (i - shift_h) mod H, (j - shift_w) mod W], with 0 <= shift_h < H and 0 <= shift_w < W.
@@ -552,13 +558,9 @@ def _roll_hw(x, shift_h, shift_w, out):
     for row in range(B * H):
         b = row // H
         i = row % H
-        src_i = i - shift_h
-        if src_i < 0:
-            src_i += H
+        src_i = _rolled_from(i, shift_h, H)
         for j in range(W):
-            src_j = j - shift_w
-            if src_j < 0:
-                src_j += W
+            src_j = _rolled_from(j, shift_w, W)
             for c in range(C):
                 out[b, i, j, c] = x[b, src_i, src_j, c]
 
@@ -590,12 +592,12 @@ def _window_partition(x, window_h, window_w, shift_h, shift_w, out):
         wi = strip % n_rows
         for ti in range(window_h):
             i = wi * window_h + ti
-            src_i = i - shift_h if i >= shift_h else i - shift_h + H
+            src_i = _rolled_from(i, shift_h, H)
             for wj in range(n_cols):
                 w = strip * n_cols + wj
                 for tj in range(window_w):
                     j = wj * window_w + tj
-                    src_j = j - shift_w if j >= shift_w else j - shift_w + W
+                    src_j = _rolled_from(j, shift_w, W)
                     t = ti * window_w + tj
                     if i < H and j < W:
                         for c in range(C):
@@ -636,11 +638,11 @@ def _window_reverse(windows, window_h, window_w, shift_h, shift_w, residual, out
     for row in range(B * H):
         b = row // H
         i = row % H
-        src_i = i - shift_h if i >= shift_h else i - shift_h + H
+        src_i = _rolled_from(i, shift_h, H)
         wi = src_i // window_h
         ti = src_i % window_h
         for j in range(W):
-            src_j = j - shift_w if j >= shift_w else j - shift_w + W
+            src_j = _rolled_from(j, shift_w, W)
             w = (b * n_rows + wi) * n_cols + src_j // window_w
             t = ti * window_w + src_j % window_w
             if add:

@@ -213,7 +213,8 @@ class MobileVitBlock(Module):
         x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
         x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
 
-        # the B*P sequences are independent: one chunk of them a thread (~12 d^2 multiply-adds a token and layer)
+        # the B*P sequences are independent: one chunk of them a thread. Work: ~12 d^2 multiply-adds a token and
+        # layer (qkv, proj and the 2d-wide MLP 8 d^2, attention 2 N d with N up to ~2d here)
         macs = 12 * x.shape[0] * x.shape[1] * d * d * len(self.transformer_blocks)
         x = threads.map_batch(self.global_representation, x, macs)
 

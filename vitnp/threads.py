@@ -342,7 +342,6 @@ def run_shared(kernel, arguments, total, macs):
         _helpers.busy.release()
 
 
-
 # glibc's malloc returns the free memory at the top of its heap to the system once there is more than a threshold of
 # it, and serves each block above another threshold with a mapping of its own; it moves both thresholds as blocks come
 # and go. A forward allocates and frees activations of a few MiB each, and depending on the order of earlier calls the
