@@ -88,6 +88,20 @@ def test_model_conv_with_scale_shift_and_activation_matches_torch(kernel_stride,
     assert_close(y, expected.numpy(), "kernel")
 
 
+@given(st.integers(1, 24), st.integers(1, 24), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3]), DTYPES,
+       st.integers(0, 2**32 - 1))
+def test_model_conv_on_two_maps_is_the_conv_on_their_concatenation(C1, C2, H, W, kernel, dtype, seed):
+    # MobileViT's fusion conv, conv(cat(shortcut, x)), reads the two maps side by side without building the
+    # concatenation (a 1x1 conv too, through the same im2col).
+    conv = Conv2d(C1 + C2, 5, kernel)
+    rng = np.random.default_rng(seed)
+    conv._parameters["weight"] = rng.uniform(-0.5, 0.5, conv.weight.shape).astype(dtype)
+    a, b = rng.uniform(-1, 1, (2, C1, H, W)).astype(dtype), rng.uniform(-1, 1, (2, C2, H, W)).astype(dtype)
+    y = conv((_nhwc(a), _nhwc(b)))
+    assert y.dtype == dtype
+    assert_close(y, _torch_conv(np.concatenate([a, b], axis=1), conv.weight, None, 1, conv.padding), "kernel")
+
+
 @given(conv_cases(depthwise=True), st.sampled_from(list(ACTIVATIONS)), st.integers(0, 2**32 - 1))
 def test_depthwise_kernel_and_twin_match_torch(case, act, seed):
     x, weight, bias, stride, padding = case
@@ -120,6 +134,8 @@ def test_conv_rejects_what_does_not_fit():
         kernels.depthwise_conv2d(x[0], np.zeros((4, 1, 3, 3), np.float32))
     with pytest.raises(ValueError, match="plain .groups=1. or depthwise"):
         Conv2d(4, 8, 3, groups=2)
+    with pytest.raises(ValueError, match="depthwise conv takes one map and no residual"):
+        Conv2d(4, 4, 3, groups=4)((x, x))
 
 
 def _batch_norm_params(rng, channels, dtype):

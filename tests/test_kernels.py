@@ -407,3 +407,36 @@ def test_attention_rejects_shapes_that_do_not_fit():
         kernels.attention(qkv, 1.0, bias=np.zeros((3, 5, 5), np.float32))
     with pytest.raises(ValueError, match=r"mask must be \(nW, 5, 5\) with nW dividing 2"):
         kernels.attention(qkv, 1.0, mask=np.zeros((3, 5, 5), np.float32))
+
+
+# im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d.
+
+
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       st.integers(1, 5), st.integers(1, 3), st.integers(0, 2), DTYPES, st.integers(0, 2**32 - 1))
+def test_im2col_equals_the_windows_of_the_concatenated_maps(B, H, W, channels, kernel, stride, padding, dtype, seed):
+    # Up to three maps of up to 40 channels (one map: whole window rows copied as one run; several: channel by map),
+    # windows hanging over every edge, strides that skip pixels: value for value the padded windows of the
+    # concatenation, zeros in the padding included.
+    if H + 2 * padding < kernel or W + 2 * padding < kernel:
+        return
+    rng = np.random.default_rng(seed)
+    maps = tuple(rng.standard_normal((B, H, W, c)).astype(dtype) for c in channels)
+    columns = kernels.im2col(maps if len(maps) > 1 else maps[0], kernel, stride, padding)
+    windows = ops.conv_windows(np.concatenate(maps, axis=-1), kernel, stride, padding)
+    assert columns.dtype == dtype
+    np.testing.assert_array_equal(columns, windows.reshape(*windows.shape[:3], -1))
+
+
+def test_im2col_rejects_maps_that_do_not_fit():
+    x = np.zeros((1, 5, 5, 4), np.float32)
+    with pytest.raises(ValueError, match="NHWC maps .* of one .B, H, W. and dtype"):
+        kernels.im2col((x, np.zeros((1, 5, 6, 4), np.float32)), 3)
+    with pytest.raises(ValueError, match="of one .B, H, W. and dtype"):
+        kernels.im2col((x, x.astype(np.float64)), 3)
+    with pytest.raises(ValueError, match="NHWC maps"):
+        kernels.im2col(x[0], 3)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        kernels.im2col(x.astype(np.float16), 3)
+    with pytest.raises(ValueError, match="does not fit a 5x5 map padded by 1"):
+        kernels.im2col(x, 9, padding=1)

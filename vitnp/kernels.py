@@ -37,6 +37,7 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # One value of LayerNorm, GELU or softmax costs about as much time as this many multiply-adds of a GEMM (for
 # vitnp.threads.run_shared's decision whether a kernel is worth sharing out between threads).
 MACS_PER_VALUE = 128
+MACS_PER_COPY = 32  # and one value copied (im2col), as this many
 
 
 def set_num_threads(n):
@@ -1117,6 +1118,94 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act
     macs = out.size * (kh * kw + (MACS_PER_VALUE if act != "none" else 1))
     threads.run_shared(_depthwise_conv2d_shared, arguments, B * Ho, macs)
     return out
+
+
+# The im2col matrix of a k x k conv (MobileViT's 3x3 convs run as a GEMM over it): each output pixel's row holds the
+# k*k input pixels its window covers, zeros where the window hangs over the map's edge, so the padded map is never
+# built; the channels of several maps side by side, so a conv on their concatenation (MobileViT's fusion conv on
+# cat(shortcut, x)) never builds that either. The output rows are shared out between threads like the depthwise
+# conv's. Measured, 2 threads: 0.08 ms on the fusion conv's 28x28 maps (96 + 96 channels) against 0.17 for NumPy's
+# concatenate, pad and windows copy, which ran on one thread.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _copy(source, destination):
+    # destination[:n] = source for a 1-D source of n values (an index from 0 needs no wraparound: the loop vectorises)
+    for c in range(source.size):
+        destination[c] = source[c]
+
+
+@_jit
+def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, first_row, end_row):
+    # columns[b, i, j, (u * k + v) * C + c] = x[b, i*stride + u - padding, j*stride + v - padding, c], or 0 where that
+    # pixel is in the padding, for the output rows b * Ho + i in [first_row, end_row); x is the maps (a tuple of
+    # (B, H, W, channels[m]) maps, each flattened) with their channels concatenated, C in all. The taps (u, v), ...,
+    # (u, v + n) of one map are n consecutive pixels: with one map, one run of memory in x and in the window's row.
+    _, Ho, Wo, row_length = columns.shape
+    k = kernel_size
+    C = row_length // (k * k)
+    columns_flat = columns.reshape(-1)
+    for row in range(first_row, end_row):
+        b = row // Ho
+        i = row % Ho
+        first_u = max(0, padding - i * stride)  # the taps that fall inside the map
+        end_u = min(k, H + padding - i * stride)
+        for j in range(Wo):
+            first_v = max(0, padding - j * stride)
+            end_v = min(k, W + padding - j * stride)
+            window = (row * Wo + j) * row_length
+            if first_u > 0 or end_u < k or first_v > 0 or end_v < k:
+                columns_flat[window : window + row_length] = 0
+            channel = 0  # of the concatenation, where this map's channels start
+            for m, x_flat in enumerate(maps):
+                Cm = channels[m]
+                for u in range(first_u, end_u):
+                    corner = ((b * H + i * stride + u - padding) * W + j * stride - padding) * Cm  # x[b, h, j*s - pad]
+                    if Cm == C:
+                        at = window + (u * k + first_v) * C
+                        source = corner + first_v * C
+                        _copy(x_flat[source : source + (end_v - first_v) * C], columns_flat[at:])
+                    else:
+                        for v in range(first_v, end_v):
+                            at = window + (u * k + v) * C + channel
+                            source = corner + v * Cm
+                            _copy(x_flat[source : source + Cm], columns_flat[at:])
+                channel += Cm
+
+
+@_jit
+def _im2col_shared(maps, channels, H, W, kernel_size, stride, padding, columns, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, begin, end)
+        begin, end = take_chunk(schedule, 0)
+
+
+def im2col(maps, kernel_size, stride=1, padding=0):
+    """The im2col matrix of a ``kernel_size`` x ``kernel_size`` conv with ``stride`` and zero ``padding`` over the
+    channel concatenation of NHWC maps (B, H, W, C_m) (``torch.cat(maps, dim=1)`` in NCHW terms, never built):
+    (B, Ho, Wo, k*k*C), each row one output pixel's window in (u, v, c) order, as ``ops.conv_windows`` of the
+    concatenation reshaped; the padding is never materialised. ``maps`` is one map or a tuple of maps.
+    """
+    maps = maps if isinstance(maps, tuple) else (maps,)
+    first = maps[0]
+    for x in maps:
+        if x.ndim != 4 or x.shape[:3] != first.shape[:3] or x.dtype != first.dtype:
+            shapes = ", ".join(f"{m.dtype} {m.shape}" for m in maps)
+            raise ValueError(f"im2col: expected NHWC maps (B, H, W, C) of one (B, H, W) and dtype, got {shapes}")
+    if first.dtype not in (np.float32, np.float64):
+        raise ValueError(f"im2col: expected float32 or float64 maps, got {first.dtype}")
+    B, H, W = first.shape[:3]
+    channels = np.array([x.shape[3] for x in maps], np.int64)
+    C = int(channels.sum())
+    Ho, Wo = (H + 2 * padding - kernel_size) // stride + 1, (W + 2 * padding - kernel_size) // stride + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"im2col: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} map padded by {padding}")
+    columns = np.empty((B, Ho, Wo, kernel_size * kernel_size * C), first.dtype)
+    flat_maps = tuple(np.ascontiguousarray(x).reshape(-1) for x in maps)
+    arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, columns)
+    threads.run_shared(_im2col_shared, arguments, B * Ho, columns.size * MACS_PER_COPY)
+    return columns
 
 
 # ---------------------------------------------------------------------------------------------------------------------

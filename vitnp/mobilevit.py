@@ -72,7 +72,7 @@ class Conv2d(Module):
     """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)`` on NHWC maps.
 
     Padding is timm's symmetric default ((stride - 1) + (kernel_size - 1)) // 2: 1 for 3x3 (stride 1 or 2), 0 for 1x1.
-    A 1x1 conv is a Linear over the channels, any other conv a Linear over the im2col rows (``ops.conv_windows``),
+    A 1x1 conv is a Linear over the channels, any other conv a Linear over the im2col rows (``kernels.im2col``),
     both on ``kernels.linear``; a depthwise conv (one channel per group, the only grouped conv MobileViT has) is the
     Numba kernel. Each can end in a per-channel scale and shift and an activation: the BatchNorm and SiLU after it.
     """
@@ -91,19 +91,19 @@ class Conv2d(Module):
     def __call__(self, x, weight=None, scale=None, shift=None, act="none", residual=None):
         """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
 
-        ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1 and 0;
-        ``residual`` (the output's shape; not for a depthwise conv) is added as each output tile is written.
+        ``x`` may be a tuple of maps, read as their channel concatenation (timm's ``torch.cat`` before the conv) without
+        building it; ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1
+        and 0; ``residual`` (the output's shape; not for a depthwise conv) is added as each output tile is written.
         """
         weight = self.weight if weight is None else weight
         if self.depthwise:
-            if residual is not None:
-                raise ValueError("Conv2d: a depthwise conv takes no residual")
+            if residual is not None or isinstance(x, tuple):
+                raise ValueError("Conv2d: a depthwise conv takes one map and no residual")
             return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
-        if self.kernel_size == 1 and self.stride == 1:
+        if self.kernel_size == 1 and self.stride == 1 and not isinstance(x, tuple):
             columns = x  # (B, H, W, C): a 1x1 conv is a Linear over the channels
-        else:
-            windows = ops.conv_windows(x, self.kernel_size, self.stride, self.padding)  # (B, Ho, Wo, k, k, C) view
-            columns = windows.reshape(*windows.shape[:3], -1)  # im2col: (B, Ho, Wo, k*k*C), columns in (u, v, c) order
+        else:  # im2col: (B, Ho, Wo, k*k*C), columns in (u, v, c) order
+            columns = kernels.im2col(x, self.kernel_size, self.stride, self.padding)
         packed = packed_weight(self, weight=weight, channels_last=True)
         return kernels.linear(columns, packed, shift, act, scale, residual)
 
@@ -224,7 +224,7 @@ class MobileVitBlock(Module):
             x = _resize_nhwc(x, (H, W))
 
         x = self.conv_proj(x)  # (B, H, W, C)
-        return self.conv_fusion(np.concatenate([shortcut, x], axis=-1))  # (B, H, W, 2C) -> (B, H, W, C)
+        return self.conv_fusion((shortcut, x))  # on cat(shortcut, x), (B, H, W, 2C) -> (B, H, W, C)
 
     def global_representation(self, x):
         """The transformer and its final norm over sequences (S, N, d), each sequence on its own."""
