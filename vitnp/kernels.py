@@ -1024,6 +1024,14 @@ def linear(x, packed, bias=None, act="none", scale=None, residual=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _taps_inside(position, stride, padding, kernel_size, size):
+    # The taps [first, end) of the window of output position ``position`` (along one axis) that fall inside the map
+    # of ``size`` pixels, not in its padding: the window starts at input pixel position * stride - padding.
+    start = position * stride - padding
+    return max(0, -start), min(kernel_size, size - start)
+
+
 @_jit
 def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, first_row, end_row):
     # out[b, i, j, c] = act(scale[c] * sum_{u, v} weight[u, v, c] * x[b, i*stride + u - padding, j*stride + v - padding,
@@ -1041,11 +1049,9 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
     for row in range(first_row, end_row):
         b = row // Ho
         i = row % Ho
-        first_u = max(0, padding - i * stride)  # the taps that fall inside the map
-        end_u = min(kh, H + padding - i * stride)
+        first_u, end_u = _taps_inside(i, stride, padding, kh, H)
         for j in range(Wo):
-            first_v = max(0, padding - j * stride)
-            end_v = min(kw, W + padding - j * stride)
+            first_v, end_v = _taps_inside(j, stride, padding, kw, W)
             at = (row * Wo + j) * C
             corner = ((b * H + i * stride - padding) * W + j * stride - padding) * C  # x[b, i*s - pad, j*s - pad, 0]
             c = 0
@@ -1148,11 +1154,9 @@ def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, fi
     for row in range(first_row, end_row):
         b = row // Ho
         i = row % Ho
-        first_u = max(0, padding - i * stride)  # the taps that fall inside the map
-        end_u = min(k, H + padding - i * stride)
+        first_u, end_u = _taps_inside(i, stride, padding, k, H)
         for j in range(Wo):
-            first_v = max(0, padding - j * stride)
-            end_v = min(k, W + padding - j * stride)
+            first_v, end_v = _taps_inside(j, stride, padding, k, W)
             window = (row * Wo + j) * row_length
             if first_u > 0 or end_u < k or first_v > 0 or end_v < k:
                 columns_flat[window : window + row_length] = 0
