@@ -261,7 +261,7 @@ LINEAR_SHAPES = st.tuples(
     st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading axes
     st.integers(1, 40),  # rows of the last leading axis: tiles of 6 rows and their remainder
     st.integers(1, 70),  # in_features
-    st.integers(1, 70),  # out_features: panels of 16 (float32) / 8 (float64) columns and a cut-short last one
+    st.integers(1, 70),  # out_features: panels of 16 or 32 float32 columns (AVX2 / AVX-512), a cut-short last one
 )
 
 
@@ -347,7 +347,7 @@ def test_linear_rejects_a_dtype_or_width_that_does_not_fit():
 
 ATTENTION_SHAPES = st.tuples(
     st.integers(1, 4),  # images or windows
-    st.integers(1, 60),  # tokens: score rows padded to whole panels of 16 (float32) / 8 (float64) keys
+    st.integers(1, 60),  # tokens: score rows padded to whole panels of keys (16 or 32 float32 columns)
     st.integers(1, 4),  # heads
     st.integers(1, 40),  # head_dim: value panels and a cut-short last one
 )
@@ -384,6 +384,19 @@ def test_attention_matches_torch_and_numpy_twin(data):
     twin = ops.scaled_dot_product_attention(q, k, v, qkv.dtype.type(scale), np.asarray(added, qkv.dtype))
     assert_close(y, twin.transpose(0, 2, 1, 3), "kernel")
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_on_every_size_up_to_two_panels(dtype):
+    # Every head_dim and every number of keys from 1 to two panels and one more: whole panels, panels cut short,
+    # panels whose second vector is all padding (computed on their first vector alone), against the NumPy twin.
+    width = kernels._panel_width(dtype)
+    rng = np.random.default_rng(0)
+    for size in range(1, 2 * width + 2):
+        qkv = rng.standard_normal((1, size, 3, 1, size)).astype(dtype)  # N = head_dim = size
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        twin = ops.scaled_dot_product_attention(q, k, v, dtype(0.3), np.zeros((), dtype))
+        assert_close(kernels.attention(qkv, 0.3), twin.transpose(0, 2, 1, 3), "kernel")
 
 def test_attention_rows_average_the_values():
     # No oracle: with every score equal (q = 0) each output row is the mean of v's rows; with one key scoring far
