@@ -7,6 +7,7 @@ seed; the values themselves come from a seeded NumPy generator so that big array
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -49,6 +50,31 @@ def _norm_params(rng, channels, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------- LayerNorm
+
+
+@numba.njit
+def _row_sums(a):
+    return kernels._sum_lanes(a), kernels._sum_squares_lanes(a)
+
+
+@given(st.integers(0, 70), DTYPES, st.integers(0, 2**32 - 1))
+def test_row_sums_are_float64_sums_in_lane_order(n, dtype, seed):
+    # LayerNorm's mean and variance and softmax's total: float64 sums of the row's values (of their squares: each
+    # square exact in float64 for float32 values) in 8 interleaved partial sums, lane by lane, then the rest, with the
+    # same bits as that order of additions written out here.
+    row = (np.random.default_rng(seed).standard_normal(n) * 1e3).astype(dtype)
+    sums = _row_sums(row)
+    values = [float(v) for v in row]  # float64, exactly
+    body = n - n % 8
+    for square in (False, True):
+        terms = [v * v for v in values] if square else values
+        partial = [0.0] * 8
+        for c in range(body):
+            partial[c % 8] += terms[c]
+        total = 0.0
+        for p in partial + terms[body:]:
+            total += p
+        assert sums[square] == total
 
 
 @needs_torch
