@@ -1403,17 +1403,16 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     for item in range(first_item, end_item):
         b = item // heads
         h = item % heads
-        for i in range(N):
+        for i in range(N):  # (1-D rows, loops from 0: the copies vectorise)
             q_i, k_i, v_i = qkv[b, i, 0, h], qkv[b, i, 1, h], qkv[b, i, 2, h]  # (head_dim,) each
+            q_row = q[i]
             for d in range(head_dim):
-                q[i, d] = q_i[d] * scale
+                q_row[d] = q_i[d] * scale
             key_column = key_panels[i // width, :, i % width]
             for d in range(head_dim):
                 key_column[d] = k_i[d]
             for p in range(value_panels_count):
-                value_row = value_panels[p, i]
-                for c in range(min(width, head_dim - p * width)):
-                    value_row[c] = v_i[p * width + c]
+                _copy(v_i[p * width : (p + 1) * width], value_panels[p, i])
         _gemm_panels(q, key_panels, ones, zeros, 0, none, attn, 0, key_panels_count, q_block_rows, N)  # q k^T, 0 past N
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
@@ -1426,8 +1425,7 @@ def _attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
             attn, value_panels, ones, zeros, 0, none, head_out, 0, value_panels_count, attn_block_rows, head_dim
         )
         for i in range(N):
-            for d in range(head_dim):
-                out[b, i, h, d] = head_out[i, d]
+            _copy(head_out[i, :head_dim], out[b, i, h])
 
 
 @_jit
