@@ -481,10 +481,12 @@ def test_im2col_rejects_maps_that_do_not_fit():
         kernels.im2col(x, 9, padding=1)
 
 
-# SiLU in registers: no oracle needed beyond kernels.silu's loop over memory, which test_conv holds to torch.
+# Activations in registers: no oracle needed beyond kernels.silu's and gelu's loops over memory, which test_conv
+# and the tests above hold to torch.
 
-SILU_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -87.0, -20.0, -1e-30, 0.0, 1e-30,
-              20.0, 87.0, 88.72, 89.0, 1e4, 1e30]  # exp's clamps, the edges of float32 exp's range, +-inf, nan
+# exp's clamps and the edges of float32 exp's range, erf's clamps (at v = +-4 sqrt(2)), +-inf, nan
+ACTIVATION_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -87.0, -20.0, -5.66, -5.65,
+                    -1e-30, 0.0, 1e-30, 5.65, 5.66, 20.0, 87.0, 88.72, 89.0, 1e4, 1e30]
 
 
 def _assert_same_bits(a, b):
@@ -495,12 +497,13 @@ def _assert_same_bits(a, b):
 
 @given(st.integers(1, 20), st.integers(1, 80), st.sampled_from([1, 3]), st.integers(1, 3), DTYPES,
        st.integers(0, 2**32 - 1))
-def test_silu_in_registers_is_silu_in_memory_bit_for_bit(rows, channels, kernel, stride, dtype, seed):
-    # The GEMM applies SiLU to its output tile in the registers, the depthwise conv to its vectors of channels
-    # (kernels._vsilu); kernels.silu runs its loop over memory: the same operations in the same order, so the same
-    # bits, over exp's whole range and on every tile row and column, every vector and scalar channel remainder.
+def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows, channels, kernel, stride, dtype, seed):
+    # The GEMM applies SiLU and GELU to its output tile in the registers, the depthwise conv SiLU to its vectors of
+    # channels (kernels._vsilu, _vgelu); kernels.silu / gelu run their loop over memory: the same operations in the
+    # same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on every tile row and
+    # column, every vector and scalar channel remainder.
     rng = np.random.default_rng(seed)
-    pool = np.concatenate([SILU_EDGES, rng.standard_normal(40) * 30])
+    pool = np.concatenate([ACTIVATION_EDGES, rng.standard_normal(40) * 30])
     signs = rng.choice([-1.0, 1.0], channels)
     weight = (signs * rng.uniform(0.5, 2.0, channels)).astype(dtype)  # no zero: 0 * inf would only give nan
     shift = rng.standard_normal(channels).astype(dtype)
@@ -508,6 +511,7 @@ def test_silu_in_registers_is_silu_in_memory_bit_for_bit(rows, channels, kernel,
     packed = kernels.pack_linear_weight(weight[:, None])
     pre_activation = kernels.linear(x, packed, shift)
     _assert_same_bits(kernels.linear(x, packed, shift, act="silu"), kernels.silu(pre_activation))
+    _assert_same_bits(kernels.linear(x, packed, shift, act="gelu"), kernels.gelu(pre_activation))
     maps = rng.choice(pool, (1, rows, 5, channels)).astype(dtype)
     taps = np.repeat(weight[:, None, None, None], kernel, axis=2).repeat(kernel, axis=3)  # (C, 1, k, k)
     conv = kernels.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift)

@@ -171,7 +171,9 @@ def _erf_for_dtype(z, dtype):
 # The activations a kernel can apply to the values it writes (a GEMM's output tile, a conv's output pixel), by index
 # into ACTIVATIONS: act(x) is applied where the values are still in the L1 cache, instead of in a pass of its own.
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh")
-_SILU = ACTIVATIONS.index("silu")  # the activation the GEMM and the depthwise conv apply in registers (_vsilu)
+_SILU = ACTIVATIONS.index("silu")
+_GELU = ACTIVATIONS.index("gelu")
+_IN_REGISTERS = (_SILU, _GELU)  # the activations a GEMM applies to its tile in the registers (_vactivate)
 
 
 def activation_code(name):
@@ -870,54 +872,119 @@ def _vlane(typingctx, vector, lane):
 
     return vector.dtype(vector, lane), codegen
 
+class _LaneMath:
+    """LLVM IR on vectors of one type, for the activations below: a constant in every lane, an LLVM intrinsic
+    (``fma``, ``floor``, ``exp``) on whole vectors, a libm function lane by lane."""
+
+    def __init__(self, builder, vector_type):
+        self.builder = builder
+        self.type = vector_type
+        self.lanes = vector_type.count
+        self.suffix = f"v{self.lanes}{'f32' if isinstance(vector_type.element, llvmlite.ir.FloatType) else 'f64'}"
+
+    def splat(self, constant, lane_type=None):
+        return llvmlite.ir.Constant(lane_type or self.type, [constant] * self.lanes)
+
+    def call(self, name, *operands):
+        function_type = llvmlite.ir.FunctionType(self.type, [self.type] * len(operands))
+        function = cgutils.get_or_insert_function(self.builder.module, function_type, f"llvm.{name}.{self.suffix}")
+        return self.builder.call(function, list(operands))
+
+    def call_each_lane(self, name, operand):
+        element = self.type.element
+        function = cgutils.get_or_insert_function(
+            self.builder.module, llvmlite.ir.FunctionType(element, [element]), name
+        )
+        result = self.splat(0.0)
+        for lane in range(self.lanes):
+            value = self.builder.call(function, [self.builder.extract_element(operand, _I32(lane))])
+            result = self.builder.insert_element(result, value, _I32(lane))
+        return result
+
+
+# The activations a GEMM applies to its output tile in the registers (and the depthwise conv, SiLU, to its vectors
+# of channels), with the operations of :func:`_activate` on one value in the same order, so that a tile activated in
+# its registers equals the tile activated in memory bit for bit (tested), without the tile's trip through memory.
+# Measured on one thread: SiLU on the GEMM of MobileViT's expanding 1x1 convs 0.37-0.54 ns per value against
+# 0.75-1.27 through memory; ViT's and Swin's fc1 with GELU 0.83-0.97 of the time (float64 0.94-1.0).
+
+
 @intrinsic
 def _vsilu(typingctx, v):
-    """SiLU lane by lane, v / (1 + exp(-v)), with the operations of :func:`_activate`'s SiLU on one value in the same
-    order: for float32, ``exp_for_float32``'s clamp, reduction, Horner polynomial and 2^n1 * 2^n2 scaling; for float64
-    LLVM's exp (libm's, lane by lane, as ``math.exp``). A GEMM's output tile activated in its registers therefore
-    equals the tile activated in memory bit for bit (tested), without the tile's trip through memory (measured on
-    the GEMM of MobileViT's expanding 1x1 convs, one thread: 0.37-0.54 ns per value against 0.75-1.27)."""
+    """SiLU lane by lane, v / (1 + exp(-v)): for float32 ``exp_for_float32``'s clamp, reduction, Horner polynomial
+    and 2^n1 * 2^n2 scaling, for float64 LLVM's exp (libm's, lane by lane, as ``math.exp``)."""
     if not isinstance(v, _Vector):
         return None
 
     def codegen(context, builder, signature, args):
         (value,) = args
-        vector_type = value.type
-        lanes = vector_type.count
-        float_name = "f32" if v.dtype == numba.types.float32 else "f64"
-
-        def splat(constant, lane_type=vector_type):
-            return llvmlite.ir.Constant(lane_type, [constant] * lanes)
-
-        def call(name, *operands):  # an LLVM intrinsic on vectors of this type, e.g. llvm.fma.v16f32
-            function_type = llvmlite.ir.FunctionType(vector_type, [vector_type] * len(operands))
-            name = f"llvm.{name}.v{lanes}{float_name}"
-            return builder.call(cgutils.get_or_insert_function(builder.module, function_type, name), list(operands))
-
+        lane = _LaneMath(builder, value.type)
         x = builder.fneg(value)
         if v.dtype == numba.types.float64:
-            exp = call("exp", x)
+            exp = lane.call("exp", x)
         else:  # exp_for_float32, step by step
-            x = builder.select(builder.fcmp_ordered("<", x, splat(_EXP_MIN)), splat(_EXP_MIN), x)
-            x = builder.select(builder.fcmp_ordered(">", x, splat(_EXP_MAX)), splat(_EXP_MAX), x)
-            n = call("floor", builder.fadd(builder.fmul(x, splat(_LOG2E_F32)), splat(0.5)))
-            n_ln2_hi, n_ln2_lo = builder.fmul(n, splat(_LN2_HI)), builder.fmul(n, splat(_LN2_LO))
+            x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_EXP_MIN)), lane.splat(_EXP_MIN), x)
+            x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_EXP_MAX)), lane.splat(_EXP_MAX), x)
+            n = lane.call("floor", builder.fadd(builder.fmul(x, lane.splat(_LOG2E_F32)), lane.splat(0.5)))
+            n_ln2_hi, n_ln2_lo = builder.fmul(n, lane.splat(_LN2_HI)), builder.fmul(n, lane.splat(_LN2_LO))
             r = builder.fsub(builder.fsub(x, n_ln2_hi), n_ln2_lo)
-            exp_r = splat(_INV_FACT[7])
+            exp_r = lane.splat(_INV_FACT[7])
             for k in range(6, -1, -1):  # Horner, fused
-                exp_r = call("fma", exp_r, r, splat(_INV_FACT[k]))
-            int_type = llvmlite.ir.VectorType(_I32, lanes)
+                exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
+            int_type = llvmlite.ir.VectorType(_I32, lane.lanes)
             n_int = builder.fptosi(n, int_type)
-            n1 = builder.ashr(n_int, splat(1, int_type))
+            n1 = builder.ashr(n_int, lane.splat(1, int_type))
             n2 = builder.sub(n_int, n1)
             two_n1, two_n2 = (
-                builder.bitcast(builder.shl(builder.add(half, splat(127, int_type)), splat(23, int_type)), vector_type)
+                builder.bitcast(builder.shl(builder.add(half, lane.splat(127, int_type)), lane.splat(23, int_type)),
+                                value.type)
                 for half in (n1, n2)
             )
             exp = builder.fmul(builder.fmul(exp_r, two_n1), two_n2)
-        return builder.fdiv(value, builder.fadd(splat(1.0), exp))
+        return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
 
     return v(v), codegen
+
+
+@intrinsic
+def _vgelu(typingctx, v):
+    """GELU lane by lane, 0.5 * v * (1 + erf(v / sqrt(2))), in float64 (float32 lanes widened, the result rounded
+    back): for float32 ``erf_for_float32``'s rational function and clamps, for float64 libm's erf lane by lane."""
+    if not isinstance(v, _Vector):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        lane = _LaneMath(builder, llvmlite.ir.VectorType(llvmlite.ir.DoubleType(), value.type.count))
+        wide = value if v.dtype == numba.types.float64 else builder.fpext(value, lane.type)
+        z = builder.fmul(wide, lane.splat(_SQRT_HALF))
+        if v.dtype == numba.types.float64:
+            erf = lane.call_each_lane("erf", z)
+        else:  # erf_for_float32, step by step
+            t = builder.fmul(z, z)
+            p = lane.splat(_ERF_P[-1])
+            for coefficient in _ERF_P[-2::-1]:  # Horner, fused
+                p = lane.call("fma", p, t, lane.splat(coefficient))
+            q = lane.splat(_ERF_Q[-1])
+            for coefficient in _ERF_Q[-2::-1]:
+                q = lane.call("fma", q, t, lane.splat(coefficient))
+            erf = builder.fdiv(builder.fmul(z, p), q)
+            erf = builder.select(builder.fcmp_ordered(">=", z, lane.splat(4.0)), lane.splat(1.0), erf)
+            erf = builder.select(builder.fcmp_ordered("<=", z, lane.splat(-4.0)), lane.splat(-1.0), erf)
+        gelu = builder.fmul(builder.fmul(lane.splat(0.5), wide), builder.fadd(lane.splat(1.0), erf))
+        return gelu if v.dtype == numba.types.float64 else builder.fptrunc(gelu, value.type)
+
+    return v(v), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _vactivate(v, act):
+    # act(v) for the activations applied in registers (_IN_REGISTERS), v itself for any other
+    if act == _SILU:
+        return _vsilu(v)
+    if act == _GELU:
+        return _vgelu(v)
+    return v
 
 @_jit
 def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_panel, block_rows, n_columns):
@@ -925,12 +992,12 @@ def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pan
     # end_panel). x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p *
     # width + c, k], zero past the last of W's n_columns columns (a panel that is half padding is computed on its first
     # vector alone: measured 0.90-0.94 of the time on MobileViT's 144-column and head_dim-36 products, ViT's attention
-    # with its 197 keys); scale, shift and the rows of y padded to n_panels * width
-    # columns; act an index into ACTIVATIONS; residual (rows, out_features), or (0, 0): none. The rows go in blocks of
-    # block_rows that stay in the L2 cache while the panels pass over them. SiLU and the residual's add are applied to
-    # the tile in its registers; GELU (and the residual after it, and on the cut-short last panel) by _tile_epilogue.
-    # (Measured, one thread: the residual's add on MobileViT's and Swin's proj / fc2 shapes took 1.3-2.5 ns per value
-    # through the tile in memory, 0.6-1.1 in the registers.)
+    # with its 197 keys); scale, shift and the rows of y padded to n_panels * width columns; act an index into
+    # ACTIVATIONS; residual (rows, out_features), or (0, 0): none. The rows go in blocks of block_rows that stay in the
+    # L2 cache while the panels pass over them. SiLU, GELU and the residual's add are applied to the tile in its
+    # registers; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue. (Measured,
+    # one thread: the residual's add on MobileViT's and Swin's proj / fc2 shapes took 1.3-2.5 ns per value through the
+    # tile in memory, 0.6-1.1 in the registers.)
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -939,7 +1006,7 @@ def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pan
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
     tile = np.empty(6 * width, y.dtype)  # scratch for _tile_epilogue
-    tile_act = 0 if act == _SILU else act  # SiLU runs on the tile's registers, the other activations on its memory
+    tile_act = 0 if act in _IN_REGISTERS else act  # SiLU, GELU on the tile's registers, gelu_tanh on its memory
     out_features = residual.shape[1]
     residual_flat = residual.reshape(-1)
     for block in range(0, rows, block_rows):
@@ -1000,13 +1067,13 @@ def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pan
                 acc30, acc31 = _fma(acc30, scale0, shift0), _fma(acc31, scale1, shift1)
                 acc40, acc41 = _fma(acc40, scale0, shift0), _fma(acc41, scale1, shift1)
                 acc50, acc51 = _fma(acc50, scale0, shift0), _fma(acc51, scale1, shift1)
-                if act == _SILU:
-                    acc00, acc01 = _vsilu(acc00), _vsilu(acc01)
-                    acc10, acc11 = _vsilu(acc10), _vsilu(acc11)
-                    acc20, acc21 = _vsilu(acc20), _vsilu(acc21)
-                    acc30, acc31 = _vsilu(acc30), _vsilu(acc31)
-                    acc40, acc41 = _vsilu(acc40), _vsilu(acc41)
-                    acc50, acc51 = _vsilu(acc50), _vsilu(acc51)
+                if act in _IN_REGISTERS:
+                    acc00, acc01 = _vactivate(acc00, act), _vactivate(acc01, act)
+                    acc10, acc11 = _vactivate(acc10, act), _vactivate(acc11, act)
+                    acc20, acc21 = _vactivate(acc20, act), _vactivate(acc21, act)
+                    acc30, acc31 = _vactivate(acc30, act), _vactivate(acc31, act)
+                    acc40, acc41 = _vactivate(acc40, act), _vactivate(acc41, act)
+                    acc50, acc51 = _vactivate(acc50, act), _vactivate(acc51, act)
                 if residual_in_registers:  # rows past the last are the last row again, as for x
                     r0 = i * out_features + column
                     r1 = min(i + 1, rows - 1) * out_features + column
@@ -1051,11 +1118,11 @@ def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pan
 
 @_jit
 def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, residual, i, column):
-    # The activation (GELU: SiLU is applied in the tile's registers) and the residual add after it (or on the
-    # cut-short last panel) of _gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it is in the
-    # L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined there, it cost
-    # the plain product 6-13%). The activation runs on a contiguous copy of the tile, where its loop vectorises (over
-    # a 16-column run of y it would not); then the residual (rows, out_features) is added.
+    # The activation (gelu_tanh: SiLU and GELU are applied in the tile's registers) and the residual add after it
+    # (or on the cut-short last panel) of _gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it
+    # is in the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined
+    # there, it cost the plain product 6-13%). The activation runs on a contiguous copy of the tile, where its loop
+    # vectorises (over a 16-column run of y it would not); then the residual (rows, out_features) is added.
     lanes = width // 2
     if act:
         for r in range(tile_rows):
