@@ -1,0 +1,154 @@
+"""Same-process A/B of two vitnp source trees, kernel by kernel and model by model: both trees imported at once (as
+two packages), their calls alternating, paired ratios.
+
+    python benchmarks/ab_kernels.py BEFORE_TREE AFTER_TREE --cases gemm attention rows models --rounds 30
+
+A source tree is a directory with ``vitnp/`` in it (``git archive <commit> vitnp | tar -x -C /tmp/before``). On a
+shared virtual machine the speed drifts by more than a few percent between interpreters, so ``ab_trees.py`` (an
+interpreter per tree) cannot resolve a change of that size in one kernel; here every round times one call of each
+tree back to back, the order turning every round, and prints the ratio after / before of the medians beside the
+median of the rounds' own ratios. One thread by default: each tree has its own helper threads, which would spin
+against each other.
+"""
+
+import argparse
+import importlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def gemm_cases(vitnp):
+    """The GEMM with the work done on its tile: SiLU (MobileViT's expanding 1x1 convs), GELU (ViT's and Swin's fc1),
+    the residual's add (proj / fc2), a last panel that is half padding (144 output columns)."""
+    kernels = vitnp.kernels
+    rng = np.random.default_rng(0)
+    cases = {}
+    shapes = [
+        ("silu", 16384, 32, 128), ("silu", 4096, 64, 256), ("gelu", 197, 768, 3072), ("gelu", 3136, 96, 384),
+        ("residual", 3136, 384, 96), ("residual", 197, 3072, 768), ("none", 1024, 144, 144),
+    ]  # fmt: skip
+    for kind, rows, depth, columns in shapes:
+        x = rng.standard_normal((rows, depth)).astype(np.float32)
+        packed = kernels.pack_linear_weight((rng.standard_normal((columns, depth)) * 0.05).astype(np.float32))
+        bias = np.zeros(columns, np.float32)
+        act = kind if kind in ("silu", "gelu") else "none"
+        residual = rng.standard_normal((rows, columns)).astype(np.float32) if kind == "residual" else None
+        cases[f"linear {rows}x{depth}x{columns} {kind}"] = (
+            lambda x=x, packed=packed, bias=bias, act=act, residual=residual: kernels.linear(
+                x, packed, bias, act, residual=residual
+            )
+        )
+    return cases
+
+
+def attention_cases(vitnp):
+    """Attention on MobileViT's (head_dim 36), ViT's (197 keys) and Swin's (49-token windows) heads."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    for batch, tokens, heads, head_dim in [(8, 256, 4, 36), (1, 197, 12, 64), (64, 49, 3, 32)]:
+        qkv = rng.standard_normal((batch, tokens, 3, heads, head_dim)).astype(np.float32)
+        cases[f"attention B{batch} N{tokens} hd{head_dim}"] = lambda qkv=qkv: vitnp.kernels.attention(qkv, 0.1)
+    return cases
+
+
+def row_cases(vitnp):
+    """The row kernels: LayerNorm, softmax, Swin's window partition / reverse, the depthwise conv with its SiLU."""
+    kernels = vitnp.kernels
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((197, 768)).astype(np.float32)
+    ones, zeros = np.ones(768, np.float32), np.zeros(768, np.float32)
+    scores = rng.standard_normal((256, 256)).astype(np.float32)
+    feature_map = rng.standard_normal((4, 56, 56, 96)).astype(np.float32)
+    windows = kernels.window_partition(feature_map, (7, 7), (3, 3))
+    depthwise_in = rng.standard_normal((1, 64, 64, 256)).astype(np.float32)
+    depthwise_weight = (rng.standard_normal((256, 1, 3, 3)) * 0.3).astype(np.float32)
+    return {
+        "layer_norm 197x768": lambda: kernels.layer_norm(tokens, ones, zeros, 1e-6),
+        "softmax 256x256": lambda: kernels.softmax(scores),
+        "window_partition 4x56x56x96": lambda: kernels.window_partition(feature_map, (7, 7), (3, 3)),
+        "window_reverse + residual": lambda: kernels.window_reverse(windows, (7, 7), 56, 56, (3, 3), feature_map),
+        "depthwise 64x64x256 silu": lambda: kernels.depthwise_conv2d(depthwise_in, depthwise_weight, 1, 1, act="silu"),
+    }
+
+
+def model_cases(vitnp):
+    """Whole forwards, batch 1, random weights."""
+    cases = {}
+    for name in ("mobilevit_s", "swin_tiny_patch4_window7_224", "vit_base_patch16_224"):
+        model = vitnp.create_model(name, seed=0)
+        x = np.random.default_rng(0).standard_normal((1, 3, *model.img_size)).astype(np.float32)
+        cases[f"{name} batch 1"] = lambda model=model, x=x: model(x)
+    return cases
+
+
+def blas_report():
+    """The BLAS NumPy uses (the kernels timed here are vitnp's own; NumPy's BLAS only serves a few small products)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS: threadpoolctl not installed"
+    blas = [f"{i['internal_api']} {i.get('architecture')} {i['num_threads']} threads" for i in threadpool_info()
+            if i["user_api"] == "blas"]
+    found = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    found = ", ".join(found) or "neither OpenBLAS variable"
+    return f"BLAS: {', '.join(blas) or 'none found'}; set in the environment: {found}"
+
+
+CASES = {"gemm": gemm_cases, "attention": attention_cases, "rows": row_cases, "models": model_cases}
+
+
+def import_tree(tree, name, workdir):
+    """The tree's ``vitnp`` package imported as ``name`` (its imports are relative, so a copy under another name
+    is a second, independent vitnp)."""
+    source, copy = os.path.join(tree, "vitnp"), os.path.join(workdir, name)
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return importlib.import_module(name)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    print(blas_report())
+    workdir = tempfile.mkdtemp(prefix="vitnp_ab_")
+    sys.path.insert(0, workdir)
+    trees = {"before": import_tree(args.before, "vitnp_before", workdir),
+             "after": import_tree(args.after, "vitnp_after", workdir)}
+    for package in trees.values():
+        package.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s), {args.rounds} rounds; ratio after / before (< 1: after is faster)")
+    print("| case | before ms | after ms | ratio of medians | median of round ratios |")
+    print("|---|---|---|---|---|")
+    for group in args.cases:
+        calls = {tree: CASES[group](package) for tree, package in trees.items()}
+        for case in calls["before"]:
+            pair = {tree: calls[tree][case] for tree in trees}
+            for _ in range(2):
+                for call in pair.values():
+                    call()
+            times = {tree: [] for tree in trees}
+            ratios = []
+            for r in range(args.rounds):
+                for tree in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                    start = time.perf_counter()
+                    pair[tree]()
+                    times[tree].append(time.perf_counter() - start)
+                ratios.append(times["after"][-1] / times["before"][-1])
+            before, after = (statistics.median(times[tree]) * 1e3 for tree in trees)
+            print(f"| {case} | {before:.3f} | {after:.3f} | {after / before:.3f} | {statistics.median(ratios):.3f} |",
+                  flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
