@@ -227,8 +227,8 @@ def _sum_lanes(a):
 def _max_lanes(a):
     """max(a) of a non-empty 1-D array, as 8 interleaved running maxima compared at the end: one running maximum is a
     chain of compare-and-selects, 8 independent ones vectorise (kept in variables: in an array, each store might
-    change ``a`` for all LLVM knows, and the loop stayed scalar, 3x slower). A NaN
-    may be missed (a softmax row with a NaN is NaN whatever its maximum)."""
+    change ``a`` for all LLVM knows, and the loop stayed scalar, 3x slower). A NaN may be missed (a softmax row with a
+    NaN is NaN whatever its maximum)."""
     n = a.shape[0]
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[0]
     body = n - n % 8
@@ -820,8 +820,6 @@ def _vstore(typingctx, array, index, vector):
     return numba.types.void(array, index, vector), codegen
 
 
-
-
 @intrinsic
 def _vmul(typingctx, a, b):
     """``a * b`` lane by lane, for two vectors of one type."""
@@ -871,6 +869,7 @@ def _vlane(typingctx, vector, lane):
         return builder.extract_element(*args)
 
     return vector.dtype(vector, lane), codegen
+
 
 class _LaneMath:
     """LLVM IR on vectors of one type, for the activations below: a constant in every lane, an LLVM intrinsic
@@ -935,12 +934,12 @@ def _vsilu(typingctx, v):
             n_int = builder.fptosi(n, int_type)
             n1 = builder.ashr(n_int, lane.splat(1, int_type))
             n2 = builder.sub(n_int, n1)
-            two_n1, two_n2 = (
-                builder.bitcast(builder.shl(builder.add(half, lane.splat(127, int_type)), lane.splat(23, int_type)),
-                                value.type)
-                for half in (n1, n2)
-            )
-            exp = builder.fmul(builder.fmul(exp_r, two_n1), two_n2)
+
+            def power_of_two(exponent):  # 2^exponent built from its bits, (exponent + 127) << 23
+                bits = builder.shl(builder.add(exponent, lane.splat(127, int_type)), lane.splat(23, int_type))
+                return builder.bitcast(bits, value.type)
+
+            exp = builder.fmul(builder.fmul(exp_r, power_of_two(n1)), power_of_two(n2))
         return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
 
     return v(v), codegen
@@ -985,6 +984,7 @@ def _vactivate(v, act):
     if act == _GELU:
         return _vgelu(v)
     return v
+
 
 @_jit
 def _gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_panel, block_rows, n_columns):
