@@ -701,9 +701,9 @@ def window_reverse(windows, window_size, H, W, shift=(0, 0), residual=None, out=
 # loads the panel's two weight vectors, broadcasts the 6 inputs x[i, k] in turn and accumulates their products in 12
 # vector registers with fused multiply-adds, from zero, in k order. The accumulators stay in registers over the whole
 # depth and are stored once, after one more fused multiply-add each, acc * scale + bias (scale 1 for a Linear; a
-# BatchNorm's scale for a conv), and the tile then gets its activation while it is in the L1 cache (fc1 + GELU in one
-# pass over memory). The panels are shared out between threads (:func:`take_chunk`); inside a chunk of a batch split
-# across threads the product is serial.
+# BatchNorm's scale for a conv), then the activation and the residual's add, still in the registers (fc1 + GELU, or
+# fc2 + the block's shortcut, in one pass over memory). The panels are shared out between threads
+# (:func:`take_chunk`); inside a chunk of a batch split across threads the product is serial.
 # Blocking k as well (the panel's block in L1) measured slower here: the partial sums' extra passes cost more.
 #
 # Numba has no vector type; the few LLVM vector operations the micro-kernel needs are intrinsics over a type of our
