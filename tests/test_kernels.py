@@ -498,7 +498,7 @@ def _assert_same_bits(a, b):
 @given(st.integers(1, 20), st.integers(1, 80), st.sampled_from([1, 3]), st.integers(1, 3), DTYPES,
        st.integers(0, 2**32 - 1))
 def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows, channels, kernel, stride, dtype, seed):
-    # The GEMM applies SiLU and GELU to its output tile in the registers, the depthwise conv SiLU to its vectors of
+    # The GEMM applies SiLU and GELU to its output tile in the registers, the depthwise conv to its vectors of
     # channels (kernels._vsilu, _vgelu); kernels.silu / gelu run their loop over memory: the same operations in the
     # same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on every tile row and
     # column, every vector and scalar channel remainder.
@@ -515,5 +515,6 @@ def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows, ch
     maps = rng.choice(pool, (1, rows, 5, channels)).astype(dtype)
     taps = np.repeat(weight[:, None, None, None], kernel, axis=2).repeat(kernel, axis=3)  # (C, 1, k, k)
     conv = kernels.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift)
-    _assert_same_bits(kernels.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift, act="silu"),
-                      kernels.silu(conv))
+    for act, in_memory in (("silu", kernels.silu), ("gelu", kernels.gelu)):
+        in_registers = kernels.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift, act=act)
+        _assert_same_bits(in_registers, in_memory(conv))

@@ -152,7 +152,7 @@ def _erf_for_dtype(z, dtype):
         return lambda z, dtype: math.erf(z)
 
     def erf_for_float32(z, dtype):
-        z = np.float64(z)  # (Numba's float() of a float32 is a float32: z * z would be rounded to float32)
+        z = np.float64(z)  # (not float(): Numba's float() of a float32 stays a float32)
         t = z * z
         p0, p1, p2, p3, p4, p5, p6 = _ERF_P
         q0, q1, q2, q3, q4, q5 = _ERF_Q
@@ -173,7 +173,7 @@ def _erf_for_dtype(z, dtype):
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh")
 _SILU = ACTIVATIONS.index("silu")
 _GELU = ACTIVATIONS.index("gelu")
-_IN_REGISTERS = (_SILU, _GELU)  # the activations a GEMM applies to its tile in the registers (_vactivate)
+_IN_REGISTERS = (_SILU, _GELU)  # the activations the GEMM and the depthwise conv apply in registers (_vactivate)
 
 
 def activation_code(name):
@@ -901,8 +901,8 @@ class _LaneMath:
         return result
 
 
-# The activations a GEMM applies to its output tile in the registers (and the depthwise conv, SiLU, to its vectors
-# of channels), with the operations of :func:`_activate` on one value in the same order, so that a tile activated in
+# The activations a GEMM applies to its output tile in the registers (and the depthwise conv to its vectors of
+# channels), with the operations of :func:`_activate` on one value in the same order, so that a tile activated in
 # its registers equals the tile activated in memory bit for bit (tested), without the tile's trip through memory.
 # Measured on one thread: SiLU on the GEMM of MobileViT's expanding 1x1 convs 0.37-0.54 ns per value against
 # 0.75-1.27 through memory; ViT's and Swin's fc1 with GELU 0.83-0.97 of the time (float64 0.94-1.0).
@@ -1261,8 +1261,8 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
     # c] + shift[c]), taps outside the map reading zero padding, for the output rows b * Ho + i in [first, end).
     # The sum runs in tap order (u, v) with fused multiply-adds from zero, in registers: four vectors of channels at a
     # time (four independent chains, so that each FMA need not wait for the one before), then one vector, then the
-    # channels past the last whole vector one by one. SiLU is applied in the registers (to those last channels in
-    # memory), any other activation over the output row.
+    # channels past the last whole vector one by one. SiLU and GELU are applied in the registers (to those last
+    # channels in memory), gelu_tanh over the output row.
     _, H, W, C = x.shape
     Ho, Wo = out.shape[1], out.shape[2]
     kh, kw = weight.shape[0], weight.shape[1]
@@ -1292,7 +1292,7 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
                 for k, acc in enumerate((acc0, acc1, acc2, acc3)):
                     channel = c + k * lanes
                     y = _fma(acc, _vload(scale, channel), _vload(shift, channel))
-                    _vstore(out_flat, at + channel, _vsilu(y) if act == _SILU else y)
+                    _vstore(out_flat, at + channel, _vactivate(y, act))
                 c += 4 * lanes
             while c + lanes <= C:
                 acc = _vzeros(out)
@@ -1300,8 +1300,7 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
                     for v in range(first_v, end_v):
                         source = corner + (u * W + v) * C + c
                         acc = _fma(_vload(taps, (u * kw + v) * C + c), _vload(x_flat, source), acc)
-                y = _fma(acc, _vload(scale, c), _vload(shift, c))
-                _vstore(out_flat, at + c, _vsilu(y) if act == _SILU else y)
+                _vstore(out_flat, at + c, _vactivate(_fma(acc, _vload(scale, c), _vload(shift, c)), act))
                 c += lanes
             last_channels = c
             while c < C:
@@ -1311,9 +1310,9 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
                         total = _fma(taps[(u * kw + v) * C + c], x_flat[corner + (u * W + v) * C + c], total)
                 out_flat[at + c] = _fma(total, scale[c], shift[c])
                 c += 1
-            if act == _SILU and last_channels < C:
+            if act in _IN_REGISTERS and last_channels < C:
                 _activate(out_flat[at + last_channels : at + C], act)
-        if act != _SILU:
+        if act not in _IN_REGISTERS:
             _activate(out_flat[row * Wo * C : (row + 1) * Wo * C], act)
 
 
