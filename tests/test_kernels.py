@@ -281,6 +281,25 @@ def test_float32_exp_is_within_two_ulp_and_rounds_subnormals_and_overflow_once()
     assert specials[0] == 0.0 and specials[1] == np.inf and np.isnan(specials[2]) and specials[3] == 1.0
 
 
+def test_float32_silu_is_within_two_and_a_half_ulp_over_float32s_whole_range():
+    # SiLU's own exp (exp_for_silu_float32: clamped to [-87, 89], one 2^n scaling) against float64's silu: within 2.5
+    # ulp wherever 1 + exp(-v) is finite for it (v > -88.37), and below that a -0 or a value of size < 4e-37 (exact
+    # silu there is v exp(v), under 3.7e-37 in size).
+    x = np.concatenate([np.linspace(-120, 120, 480_001), np.geomspace(1e-38, 1, 2_000), -np.geomspace(1e-38, 1, 2_000),
+                        [0.0, -0.0, 87.0, -87.0, 88.37, -88.37, -88.38, 89.0, -89.0]]).astype(np.float32)
+    y = kernels.silu(x)
+    v = x.astype(np.float64)
+    exact = v / (1.0 + np.exp(-v))
+    rounded = exact.astype(np.float32)
+    relative = (x > -88.37) & (np.abs(rounded) >= np.finfo(np.float32).tiny)
+    ulp = np.abs(y[relative] - exact[relative]) / np.spacing(np.abs(rounded[relative])).astype(np.float64)
+    assert ulp.max() <= 2.5
+    assert np.abs(y[~relative] - exact[~relative]).max() < 4e-37
+    assert np.all(y[x < 0] <= 0) and np.all(y[x > 0] > 0)
+    specials = kernels.silu(np.array([np.inf, np.nan], np.float32))
+    assert specials[0] == np.inf and np.isnan(specials[1])
+
+
 # ---------------------------------------------------------------------------------------------------- Linear (GEMM)
 
 LINEAR_SHAPES = st.tuples(
@@ -484,9 +503,10 @@ def test_im2col_rejects_maps_that_do_not_fit():
 # Activations in registers: no oracle needed beyond kernels.silu's and gelu's loops over memory, which test_conv
 # and the tests above hold to torch.
 
-# exp's clamps and the edges of float32 exp's range, erf's clamps (at v = +-4 sqrt(2)), +-inf, nan
-ACTIVATION_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -87.0, -20.0, -5.66, -5.65,
-                    -1e-30, 0.0, 1e-30, 5.65, 5.66, 20.0, 87.0, 88.72, 89.0, 1e4, 1e30]
+# exp's clamps and the edges of float32 exp's range (softmax's and SiLU's), erf's clamps (at v = +-4 sqrt(2)),
+# +-inf, nan
+ACTIVATION_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -88.38, -88.37, -87.0, -20.0,
+                    -5.66, -5.65, -1e-30, 0.0, 1e-30, 5.65, 5.66, 20.0, 87.0, 88.72, 89.0, 1e4, 1e30]
 
 
 def _assert_same_bits(a, b):

@@ -30,6 +30,11 @@ _LN2_LO = np.float32(math.log(2.0) - 0.693359375)
 _INV_FACT = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 _EXP_MIN = np.float32(-104.0)
 _EXP_MAX = np.float32(89.0)
+# SiLU's exp: its clamp range (exp(-87) is a normal float32; from 88.38 up 2^n is inf); 1.5 * 2^23, whose ulp is 1, so
+# that a float32 added to it is rounded to an integer by the adder itself.
+_SILU_EXP_MIN = np.float32(-87.0)
+_SILU_EXP_MAX = np.float32(89.0)
+_ROUND_TO_INTEGER = np.float32(1.5 * 2**23)
 
 # error_model="numpy": x / 0 gives inf or nan as in NumPy (IEEE) instead of raising, which also lets LLVM vectorise
 # loops that divide (Python's error model branches on every divisor).
@@ -128,6 +133,36 @@ def _exp_for_dtype(x, dtype):
     return exp_for_float32
 
 
+def _exp_for_silu(x, dtype):
+    """exp(x) for SiLU's v / (1 + exp(-v)), inside a kernel (Numba compiles the overload below)."""
+    return math.exp(x)
+
+
+@overload(_exp_for_silu)
+def _exp_for_silu_for_dtype(x, dtype):
+    if dtype.dtype == numba.types.float64:
+        return lambda x, dtype: math.exp(x)
+
+    def exp_for_silu_float32(x, dtype):
+        # exp_for_float32's reduction and polynomial in fewer steps, exact where 1 + exp(x) can tell (measured: SiLU
+        # 0.25 ns a value instead of 0.36 on one core). x is clamped to [-87, 89]: below, exp(x) is under half an ulp
+        # of 1; from 88.38 up n = 128, whose 2^n is inf, so 1 + exp(x) is inf as from 88.73 up for exp itself, and
+        # SiLU gives -0 for v <= -88.38 (exactly, |silu(v)| < 4e-37 there). n = round(x / ln 2) by one fused
+        # multiply-add onto _ROUND_TO_INTEGER (ties to even); 2^n in one scaling, a normal float32 or inf for n in
+        # [-126, 128]. Within 2 ulp of exp on [-87, 88.37] (tested through SiLU).
+        x = np.float32(x)
+        x = x if x > _SILU_EXP_MIN else _SILU_EXP_MIN  # nan -> the minimum: silu(nan) is v / (...), nan anyway
+        x = x if x < _SILU_EXP_MAX else _SILU_EXP_MAX
+        n = _fma(x, _LOG2E_F32, _ROUND_TO_INTEGER) - _ROUND_TO_INTEGER
+        r = _fma(-n, _LN2_HI, x)
+        r = _fma(-n, _LN2_LO, r)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _INV_FACT
+        exp_r = _fma(_fma(_fma(_fma(_fma(_fma(_fma(c7, r, c6), r, c5), r, c4), r, c3), r, c2), r, c1), r, c0)  # Horner
+        return exp_r * _float32_from_bits((np.int32(n) + 127) << 23)
+
+    return exp_for_silu_float32
+
+
 def _one(dtype):
     """1 in ``dtype`` inside a kernel: ``v / (_one(x.dtype) + e)`` stays in float32 for float32 (a ``1.0`` literal is
     float64 and would send the division, the slowest step of SiLU, to float64 at half the vector width)."""
@@ -193,7 +228,7 @@ def _activate(y, act):
     if act == 1:
         for c in range(y.size):
             v = y[c]
-            y[c] = v / (_one(y.dtype) + _exp(-v, y.dtype))
+            y[c] = v / (_one(y.dtype) + _exp_for_silu(-v, y.dtype))
     elif act == 2:
         for c in range(y.size):
             v = y[c]
@@ -910,8 +945,8 @@ class _LaneMath:
 
 @intrinsic
 def _vsilu(typingctx, v):
-    """SiLU lane by lane, v / (1 + exp(-v)): for float32 ``exp_for_float32``'s clamp, reduction, Horner polynomial
-    and 2^n1 * 2^n2 scaling, for float64 LLVM's exp (libm's, lane by lane, as ``math.exp``)."""
+    """SiLU lane by lane, v / (1 + exp(-v)): for float32 ``exp_for_silu_float32``'s clamp, rounding, Horner
+    polynomial and 2^n scaling, for float64 LLVM's exp (libm's, lane by lane, as ``math.exp``)."""
     if not isinstance(v, _Vector):
         return None
 
@@ -921,25 +956,20 @@ def _vsilu(typingctx, v):
         x = builder.fneg(value)
         if v.dtype == numba.types.float64:
             exp = lane.call("exp", x)
-        else:  # exp_for_float32, step by step
-            x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_EXP_MIN)), lane.splat(_EXP_MIN), x)
-            x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_EXP_MAX)), lane.splat(_EXP_MAX), x)
-            n = lane.call("floor", builder.fadd(builder.fmul(x, lane.splat(_LOG2E_F32)), lane.splat(0.5)))
-            n_ln2_hi, n_ln2_lo = builder.fmul(n, lane.splat(_LN2_HI)), builder.fmul(n, lane.splat(_LN2_LO))
-            r = builder.fsub(builder.fsub(x, n_ln2_hi), n_ln2_lo)
+        else:  # exp_for_silu_float32, step by step
+            x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_SILU_EXP_MIN)), x, lane.splat(_SILU_EXP_MIN))
+            x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_SILU_EXP_MAX)), x, lane.splat(_SILU_EXP_MAX))
+            rounding = lane.splat(_ROUND_TO_INTEGER)
+            n = builder.fsub(lane.call("fma", x, lane.splat(_LOG2E_F32), rounding), rounding)
+            r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_HI), x)
+            r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_LO), r)
             exp_r = lane.splat(_INV_FACT[7])
             for k in range(6, -1, -1):  # Horner, fused
                 exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
             int_type = llvmlite.ir.VectorType(_I32, lane.lanes)
-            n_int = builder.fptosi(n, int_type)
-            n1 = builder.ashr(n_int, lane.splat(1, int_type))
-            n2 = builder.sub(n_int, n1)
-
-            def power_of_two(exponent):  # 2^exponent built from its bits, (exponent + 127) << 23
-                bits = builder.shl(builder.add(exponent, lane.splat(127, int_type)), lane.splat(23, int_type))
-                return builder.bitcast(bits, value.type)
-
-            exp = builder.fmul(builder.fmul(exp_r, power_of_two(n1)), power_of_two(n2))
+            exponent = builder.add(builder.fptosi(n, int_type), lane.splat(127, int_type))
+            power_of_two = builder.bitcast(builder.shl(exponent, lane.splat(23, int_type)), value.type)  # 2^n
+            exp = builder.fmul(exp_r, power_of_two)
         return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
 
     return v(v), codegen
