@@ -77,6 +77,22 @@ def row_cases(vitnp):
     }
 
 
+def depthwise_cases(vitnp):
+    """MobileViT's depthwise 3x3 convs (stage 1's, 2's and 3's maps, strides 1 and 2), alone and with SiLU."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    for size, channels, stride in [(128, 64, 1), (128, 128, 2), (64, 256, 1), (64, 256, 2)]:
+        x = rng.standard_normal((1, size, size, channels)).astype(np.float32)
+        weight = (rng.standard_normal((channels, 1, 3, 3)) * 0.3).astype(np.float32)
+        for act in ("none", "silu"):
+            cases[f"depthwise {size}x{size}x{channels} stride {stride} {act}"] = (
+                lambda x=x, weight=weight, stride=stride, act=act: vitnp.kernels.depthwise_conv2d(
+                    x, weight, stride, 1, act=act
+                )
+            )
+    return cases
+
+
 def model_cases(vitnp):
     """Whole forwards, batch 1, random weights."""
     cases = {}
@@ -100,7 +116,8 @@ def blas_report():
     return f"BLAS: {', '.join(blas) or 'none found'}; set in the environment: {found}"
 
 
-CASES = {"gemm": gemm_cases, "attention": attention_cases, "rows": row_cases, "models": model_cases}
+CASES = {"gemm": gemm_cases, "attention": attention_cases, "rows": row_cases, "depthwise": depthwise_cases,
+         "models": model_cases}
 
 
 def import_tree(tree, name, workdir):

@@ -467,7 +467,8 @@ def test_attention_rejects_shapes_that_do_not_fit():
         kernels.attention(qkv, 1.0, mask=np.zeros((3, 5, 5), np.float32))
 
 
-# im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d.
+# im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d; conv2d: none
+# beyond linear on im2col's matrix.
 
 
 @given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.lists(st.integers(1, 40), min_size=1, max_size=3),
@@ -484,6 +485,44 @@ def test_im2col_equals_the_windows_of_the_concatenated_maps(B, H, W, channels, k
     windows = ops.conv_windows(np.concatenate(maps, axis=-1), kernel, stride, padding)
     assert columns.dtype == dtype
     np.testing.assert_array_equal(columns, windows.reshape(*windows.shape[:3], -1))
+
+
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.lists(st.integers(1, 20), min_size=1, max_size=2),
+       st.sampled_from([1, 3, 5]), st.integers(1, 3), st.integers(0, 2), st.integers(1, 70),
+       st.sampled_from(["none", "silu"]), st.booleans(), st.integers(1, 4000), DTYPES, st.integers(0, 2**32 - 1))
+def test_conv2d_is_linear_on_im2col_bit_for_bit(B, H, W, channels, kernel, stride, padding, out, act, with_residual,
+                                                 l2_bytes, dtype, seed):
+    # conv2d builds the im2col rows a band at a time (the bands sized by the L2 budget, shrunk here down to one
+    # output row) and runs the GEMM on each band, all its panels: the same products in the same order as linear on
+    # the whole im2col matrix, so the same bits, scale, shift, activation and residual included.
+    if H + 2 * padding < kernel or W + 2 * padding < kernel:
+        return
+    rng = np.random.default_rng(seed)
+    maps = tuple(rng.standard_normal((B, H, W, c)).astype(dtype) for c in channels)
+    maps = maps if len(maps) > 1 else maps[0]
+    columns = kernels.im2col(maps, kernel, stride, padding)
+    packed = kernels.pack_linear_weight(rng.standard_normal((out, columns.shape[-1])).astype(dtype))
+    scale, shift = rng.uniform(0.5, 2, out).astype(dtype), rng.standard_normal(out).astype(dtype)
+    residual = rng.standard_normal((*columns.shape[:3], out)).astype(dtype) if with_residual else None
+    expected = kernels.linear(columns, packed, shift, act, scale, residual)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_L2_ROWS_BYTES", l2_bytes)
+        y = kernels.conv2d(maps, packed, kernel, stride, padding, shift, act, scale, residual)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_conv2d_rejects_a_weight_that_does_not_fit():
+    x = np.zeros((1, 5, 5, 4), np.float32)
+    packed = kernels.pack_linear_weight(np.zeros((6, 3 * 3 * 4), np.float32))
+    with pytest.raises(ValueError, match=r"the weight \(float32, 36 inputs\) does not fit a 5x5 conv over 4"):
+        kernels.conv2d(x, packed, 5, padding=2)
+    with pytest.raises(ValueError, match="does not fit a 3x3 conv over 4 float64 channels"):
+        kernels.conv2d(x.astype(np.float64), packed, 3, padding=1)
+    with pytest.raises(ValueError, match=r"residual must be \(1, 5, 5, 6\) float32"):
+        kernels.conv2d(x, packed, 3, padding=1, residual=np.zeros((1, 5, 5, 5), np.float32))
+    with pytest.raises(ValueError, match="conv2d: a 9x9 kernel does not fit a 5x5 map padded by 1"):
+        kernels.conv2d(x, packed, 9, padding=1)
 
 
 def test_im2col_rejects_maps_that_do_not_fit():

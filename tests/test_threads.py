@@ -183,6 +183,24 @@ def test_ops_shared_out_between_threads_equal_the_serial_forward(share_everythin
     np.testing.assert_array_equal(shared, model(x))
 
 
+@pytest.mark.parametrize("l2_bytes", [1, 30_000, 1 << 19])
+def test_a_shared_conv2d_split_by_bands_and_panels_equals_the_serial_one(share_everything, monkeypatch, l2_bytes):
+    # conv2d's items are (band of output rows, panel) pairs: a thread builds a band's im2col rows once for its run of
+    # panels over it, and the two threads' runs start and end anywhere (bands of 1 and 2 rows here, or the whole map,
+    # 3 panels of 32 float32 columns with AVX-512, the last cut short). Every output is the serial product's: bit
+    # for bit, its residual's add (sliced to the band) included.
+    rng = np.random.default_rng(l2_bytes)
+    maps = tuple(rng.standard_normal((2, 12, 10, c)).astype(np.float32) for c in (24, 8))
+    packed = kernels.pack_linear_weight((rng.standard_normal((70, 9 * 32)) * 0.1).astype(np.float32))
+    bias, residual = rng.standard_normal(70).astype(np.float32), rng.standard_normal((2, 12, 10, 70)).astype(np.float32)
+    monkeypatch.setattr(kernels, "_L2_ROWS_BYTES", l2_bytes)
+    shared = kernels.conv2d(maps, packed, 3, 1, 1, bias, "silu", residual=residual)
+    monkeypatch.setattr(threads, "MIN_SHARED_MACS", 2**62)
+    np.testing.assert_array_equal(shared, kernels.conv2d(maps, packed, 3, 1, 1, bias, "silu", residual=residual))
+    np.testing.assert_array_equal(shared, kernels.linear(kernels.im2col(maps, 3, 1, 1), packed, bias, "silu",
+                                                         residual=residual))
+
+
 @pytest.mark.parametrize(("rows", "depth", "out_features"), [(5000, 200, 40), (2000, 24, 300), (700, 64, 7)])
 def test_a_shared_gemm_split_by_rows_and_panels_equals_the_serial_one(share_everything, monkeypatch, rows, depth,
                                                                       out_features):

@@ -1218,6 +1218,27 @@ def pack_linear_weight(weight):
     return PackedWeight(np.ascontiguousarray(panels), out_features)
 
 
+def _padded_scale_shift(padded_columns, out_features, scale, bias, dtype):
+    """A GEMM's per-column scale and shift padded to whole panels: (1 or ``scale``, 0 or ``bias``) then (1, 0)."""
+    padded_scale = np.ones(padded_columns, dtype)
+    padded_shift = np.zeros(padded_columns, dtype)
+    if scale is not None:
+        padded_scale[:out_features] = scale
+    if bias is not None:
+        padded_shift[:out_features] = bias
+    return padded_scale, padded_shift
+
+
+def _residual_rows(residual, shape, dtype, name):
+    """A GEMM's residual as rows (rows, out_features), checked against the output's ``shape``; (0, 0) for none."""
+    if residual is None:
+        return np.zeros((0, 0), dtype)
+    if residual.shape != shape or residual.dtype != dtype:
+        got = f"{residual.shape} {residual.dtype}"
+        raise ValueError(f"{name}: residual must be {shape} {dtype} like the output, got {got}")
+    return _rows(residual)
+
+
 def linear(x, packed, bias=None, act="none", scale=None, residual=None):
     """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
     :func:`pack_linear_weight`; then, optionally, a per-output scale, an activation and a residual connection's add:
@@ -1238,20 +1259,9 @@ def linear(x, packed, bias=None, act="none", scale=None, residual=None):
         )
     x2 = _rows(x)
     rows, depth = x2.shape
-    if residual is None:
-        residual2 = np.zeros((0, 0), x.dtype)
-    elif residual.shape != (*x.shape[:-1], out_features) or residual.dtype != x.dtype:
-        expected = f"{(*x.shape[:-1], out_features)} {x.dtype}"
-        raise ValueError(f"linear: residual must be {expected} like the output, got {residual.shape} {residual.dtype}")
-    else:
-        residual2 = _rows(residual)
+    residual2 = _residual_rows(residual, (*x.shape[:-1], out_features), x.dtype, "linear")
     n_panels, _, width = panels.shape
-    padded_scale = np.ones(n_panels * width, x.dtype)
-    padded_shift = np.zeros(n_panels * width, x.dtype)
-    if scale is not None:
-        padded_scale[:out_features] = scale
-    if bias is not None:
-        padded_shift[:out_features] = bias
+    padded_scale, padded_shift = _padded_scale_shift(n_panels * width, out_features, scale, bias, x.dtype)
     y = np.empty((rows, n_panels * width), x.dtype)
     block_rows = _l2_block_rows(depth, x.itemsize)
 
@@ -1391,15 +1401,20 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act
 # cat(shortcut, x)) never builds that either. The output rows are shared out between threads like the depthwise
 # conv's. Measured on the fusion conv's 28x28 maps (96 + 96 channels), one thread: 0.18-0.26 ms against 0.24-0.37 for
 # NumPy's concatenate, pad and windows copy.
+#
+# conv2d runs the same conv without the whole matrix: a band of output rows at a time, its im2col rows written to a
+# scratch that stays in the L2 cache and the GEMM run on them right away, so that the matrix (7 MiB for the fusion conv
+# of MobileViT's 32x32 maps) never goes through memory. The bands are shared out between threads.
 
 
 @_jit
-def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, first_row, end_row):
-    # columns[b, i, j, (u * k + v) * C + c] = x[b, i*stride + u - padding, j*stride + v - padding, c], or 0 where that
-    # pixel is in the padding, for the output rows b * Ho + i in [first_row, end_row); x is the maps (a tuple of
-    # (B, H, W, channels[m]) maps, each flattened) with their channels concatenated, C in all. The taps (u, v), ...,
-    # (u, v + n) of one map are n consecutive pixels: with one map, one run of memory in x and in the window's row.
-    _, Ho, Wo, row_length = columns.shape
+def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns, first_row, end_row):
+    # columns[(row - first_row) * Wo + j, (u * k + v) * C + c] = x[b, i*stride + u - padding, j*stride + v - padding,
+    # c], or 0 where that pixel is in the padding, for the output rows row = b * Ho + i in [first_row, end_row); x is
+    # the maps (a tuple of (B, H, W, channels[m]) maps, each flattened) with their channels concatenated, C in all.
+    # The taps (u, v), ..., (u, v + n) of one map are n consecutive pixels: with one map, one run of memory in x and in
+    # the window's row.
+    row_length = columns.shape[1]
     k = kernel_size
     C = row_length // (k * k)
     columns_flat = columns.reshape(-1)
@@ -1409,7 +1424,7 @@ def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, fi
         first_u, end_u = _taps_inside(i, stride, padding, k, H)
         for j in range(Wo):
             first_v, end_v = _taps_inside(j, stride, padding, k, W)
-            window = (row * Wo + j) * row_length
+            window = ((row - first_row) * Wo + j) * row_length
             if first_u > 0 or end_u < k or first_v > 0 or end_v < k:
                 columns_flat[window : window + row_length] = 0
             channel = 0  # of the concatenation, where this map's channels start
@@ -1430,11 +1445,62 @@ def _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, fi
 
 
 @_jit
-def _im2col_shared(maps, channels, H, W, kernel_size, stride, padding, columns, schedule, job):
+def _im2col_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, columns, begin, end)
+        _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns[begin * Wo :], begin, end)
         begin, end = take_chunk(schedule, 0)
+
+
+@_jit
+def _conv2d_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, panels, scale, shift, act, residual, y,
+                   band_rows, n_columns, schedule, job):
+    # The items are (band, panel) pairs, band by band, a band being band_rows output rows (b * Ho + i): for a run of
+    # panels over a band, the band's im2col rows go to this thread's scratch (once for its panels), then _gemm_panels
+    # computes those panels of the band's rows of y (B * Ho * Wo, padded columns) from them.
+    n_panels, row_length, _ = panels.shape
+    columns = np.empty((band_rows * Wo, row_length), y.dtype)
+    block_rows = _l2_block_rows(row_length, y.itemsize)
+    total_rows = y.shape[0] // Wo
+    built = -1  # the band whose rows are in the scratch
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        for band in range(begin // n_panels, (end - 1) // n_panels + 1):
+            first_row = band * band_rows
+            end_row = min(first_row + band_rows, total_rows)
+            top, bottom = first_row * Wo, end_row * Wo  # the band's output pixels
+            if band != built:
+                _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns, first_row, end_row)
+                built = band
+            band_residual = residual[top:bottom] if residual.shape[0] else residual
+            first_panel = max(begin - band * n_panels, 0)
+            end_panel = min(end - band * n_panels, n_panels)
+            _gemm_panels(
+                columns[: bottom - top], panels, scale, shift, act, band_residual, y[top:bottom], first_panel,
+                end_panel, block_rows, n_columns,
+            )
+        begin, end = take_chunk(schedule, 0)
+
+
+def _conv_maps(maps, kernel_size, stride, padding, name):
+    """Check ``maps`` (one NHWC map or a tuple of them) for a k x k conv: (flat maps, channels per map, B, H, W, Ho,
+    Wo)."""
+    maps = maps if isinstance(maps, tuple) else (maps,)
+    first = maps[0]
+    for x in maps:
+        if x.ndim != 4 or x.shape[:3] != first.shape[:3] or x.dtype != first.dtype:
+            shapes = ", ".join(f"{m.dtype} {m.shape}" for m in maps)
+            raise ValueError(f"{name}: expected NHWC maps (B, H, W, C) of one (B, H, W) and dtype, got {shapes}")
+    if first.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: expected float32 or float64 maps, got {first.dtype}")
+    B, H, W = first.shape[:3]
+    Ho = ops.conv_output_size(H, kernel_size, stride, padding)
+    Wo = ops.conv_output_size(W, kernel_size, stride, padding)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{name}: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} map padded by {padding}")
+    channels = np.array([x.shape[3] for x in maps], np.int64)
+    flat_maps = tuple(np.ascontiguousarray(x).reshape(-1) for x in maps)
+    return flat_maps, channels, B, H, W, Ho, Wo
 
 
 def im2col(maps, kernel_size, stride=1, padding=0):
@@ -1443,26 +1509,40 @@ def im2col(maps, kernel_size, stride=1, padding=0):
     (B, Ho, Wo, k*k*C), each row one output pixel's window in (u, v, c) order, as ``ops.conv_windows`` of the
     concatenation reshaped; the padding is never materialised. ``maps`` is one map or a tuple of maps.
     """
-    maps = maps if isinstance(maps, tuple) else (maps,)
-    first = maps[0]
-    for x in maps:
-        if x.ndim != 4 or x.shape[:3] != first.shape[:3] or x.dtype != first.dtype:
-            shapes = ", ".join(f"{m.dtype} {m.shape}" for m in maps)
-            raise ValueError(f"im2col: expected NHWC maps (B, H, W, C) of one (B, H, W) and dtype, got {shapes}")
-    if first.dtype not in (np.float32, np.float64):
-        raise ValueError(f"im2col: expected float32 or float64 maps, got {first.dtype}")
-    B, H, W = first.shape[:3]
-    channels = np.array([x.shape[3] for x in maps], np.int64)
-    C = int(channels.sum())
-    Ho = ops.conv_output_size(H, kernel_size, stride, padding)
-    Wo = ops.conv_output_size(W, kernel_size, stride, padding)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"im2col: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} map padded by {padding}")
-    columns = np.empty((B, Ho, Wo, kernel_size * kernel_size * C), first.dtype)
-    flat_maps = tuple(np.ascontiguousarray(x).reshape(-1) for x in maps)
-    arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, columns)
+    flat_maps, channels, B, H, W, Ho, Wo = _conv_maps(maps, kernel_size, stride, padding, "im2col")
+    columns = np.empty((B * Ho * Wo, kernel_size * kernel_size * int(channels.sum())), flat_maps[0].dtype)
+    arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns)
     threads.run_shared(_im2col_shared, arguments, B * Ho, columns.size * MACS_PER_COPY)
-    return columns
+    return columns.reshape(B, Ho, Wo, -1)
+
+
+def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none", scale=None, residual=None):
+    """``linear(im2col(maps, kernel_size, stride, padding), packed, bias, act, scale, residual)``, the same values bit
+    for bit, without the im2col matrix: a band of output rows at a time, its im2col rows in an L2-sized scratch.
+
+    A conv with weight W (out, C, k, k) over the channel concatenation of ``maps`` (one NHWC map or a tuple), packed
+    with its columns in (u, v, c) order (``pack_linear_weight`` of W as (out, k, k, C) flattened): (B, Ho, Wo, out).
+    """
+    flat_maps, channels, B, H, W, Ho, Wo = _conv_maps(maps, kernel_size, stride, padding, "conv2d")
+    dtype = flat_maps[0].dtype
+    panels, out_features = packed
+    row_length = kernel_size * kernel_size * int(channels.sum())
+    if panels.dtype != dtype or panels.shape[1] != row_length:
+        raise ValueError(f"conv2d: the weight ({panels.dtype}, {panels.shape[1]} inputs) does not fit a "
+                         f"{kernel_size}x{kernel_size} conv over {int(channels.sum())} {dtype} channels")
+    n_panels, _, width = panels.shape
+    padded_scale, padded_shift = _padded_scale_shift(n_panels * width, out_features, scale, bias, dtype)
+    residual2 = _residual_rows(residual, (B, Ho, Wo, out_features), dtype, "conv2d")
+    y = np.empty((B * Ho * Wo, n_panels * width), dtype)
+    band_rows = max(1, _L2_ROWS_BYTES // (Wo * row_length * y.itemsize))  # its im2col rows stay in the L2 cache
+    code = activation_code(act)
+    arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, panels, padded_scale, padded_shift,
+                 code, residual2, y, band_rows, out_features)
+    macs = B * Ho * Wo * (out_features * (row_length + (MACS_PER_VALUE if code else 0)) + row_length * MACS_PER_COPY)
+    threads.run_shared(_conv2d_shared, arguments, -(-(B * Ho) // band_rows) * n_panels, macs)
+    if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
+        y = np.ascontiguousarray(y[:, :out_features])
+    return y.reshape(B, Ho, Wo, out_features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

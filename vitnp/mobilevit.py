@@ -72,9 +72,10 @@ class Conv2d(Module):
     """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)`` on NHWC maps.
 
     Padding is timm's symmetric default ((stride - 1) + (kernel_size - 1)) // 2: 1 for 3x3 (stride 1 or 2), 0 for 1x1.
-    A 1x1 conv is a Linear over the channels, any other conv a Linear over the im2col rows (``kernels.im2col``),
-    both on ``kernels.linear``; a depthwise conv (one channel per group, the only grouped conv MobileViT has) is the
-    Numba kernel. Each can end in a per-channel scale and shift and an activation: the BatchNorm and SiLU after it.
+    A 1x1 conv is a Linear over the channels (``kernels.linear``), any other conv a Linear over the im2col rows
+    (``kernels.conv2d``: ``kernels.im2col``'s rows a band at a time, on the same GEMM); a depthwise conv (one channel
+    per group, the only grouped conv MobileViT has) is the Numba kernel. Each can end in a per-channel scale and shift
+    and an activation: the BatchNorm and SiLU after it.
     """
 
     def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1):
@@ -100,12 +101,11 @@ class Conv2d(Module):
             if residual is not None or isinstance(x, tuple):
                 raise ValueError("Conv2d: a depthwise conv takes one map and no residual")
             return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
-        if self.kernel_size == 1 and self.stride == 1 and not isinstance(x, tuple):
-            columns = x  # (B, H, W, C): a 1x1 conv is a Linear over the channels
-        else:  # im2col: (B, Ho, Wo, k*k*C), columns in (u, v, c) order
-            columns = kernels.im2col(x, self.kernel_size, self.stride, self.padding)
         packed = packed_weight(self, weight=weight, channels_last=True)
-        return kernels.linear(columns, packed, shift, act, scale, residual)
+        if self.kernel_size == 1 and self.stride == 1 and not isinstance(x, tuple):
+            return kernels.linear(x, packed, shift, act, scale, residual)  # a 1x1 conv is a Linear over the channels
+        # a Linear over the im2col rows (B, Ho, Wo, k*k*C), columns in (u, v, c) order, a band of rows at a time
+        return kernels.conv2d(x, packed, self.kernel_size, self.stride, self.padding, shift, act, scale, residual)
 
 
 class BatchNormAct2d(Module):
