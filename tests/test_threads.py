@@ -324,6 +324,16 @@ def test_run_shared_from_two_threads_at_once(share_everything):
         np.testing.assert_array_equal(counts, 50)
 
 
+def test_a_waiting_thread_spins_for_about_the_time_it_was_told():
+    # The helpers' spin before sleeping is counted in reads of a flag, measured once against the clock: that many
+    # reads take about _SPIN_SECONDS (bounds of 10x either way: a shared virtual machine's speed swings, not that much).
+    reads = threads._spins_in(0.002)
+    schedule = np.zeros(kernels.FINISHED + 1, np.int64)
+    start = time.perf_counter()
+    assert not kernels.finish_and_wait(schedule, 0, 0, reads)  # no job came: it spun them all
+    assert 0.0002 < time.perf_counter() - start < 0.02
+
+
 def test_helpers_not_taking_part_keep_working(restore_threads, monkeypatch):
     # Three threads started, then jobs for two: the helper left out wakes for each and lets it pass, and takes part
     # again when there are three threads.

@@ -193,8 +193,11 @@ def map_batch(forward, x, macs=None):
     return np.concatenate(results)
 
 
-_SPINS = 1 << 18  # reads of a flag before a waiting thread goes to sleep: ~0.5 ms on AVX2 Zen 3, 0.08 on AVX-512 Zen 4
-# (8x as many measured no faster there: benchmarks/README.md)
+# How long a waiting thread spins before it goes to sleep (as reads of a flag, counted on this machine when the first
+# helper starts). 0.08 ms had been enough back to back, but a forward whose caches other work had emptied ran its
+# Python between two shared kernels slowly enough for the helper to fall asleep again and again: mobilevit_s batch 1
+# on two threads 37.2 ms instead of 31.6; 0.3 ms and longer, 31.4-32.3 either way (benchmarks/README.md).
+_SPIN_SECONDS = 0.0005
 # Work of fewer multiply-adds (or the equivalent) than this runs on the calling thread alone: handing a kernel's
 # chunks to a helper costs ~25 microseconds here, about this much work on one core.
 MIN_SHARED_MACS = 1 << 23
@@ -210,8 +213,8 @@ class _Helpers:
 
     A job and its progress live in ``schedule``, an int64 array the kernels update atomically (its slots are named in
     :mod:`vitnp.kernels`: JOB, NEXT, TOTAL, THREADS, FINISHED). Between jobs a helper spins on schedule[JOB] in a Numba
-    loop that holds no GIL, for :data:`_SPINS` reads (0.1-0.5 ms), and only then sleeps: the ops of a forward come a
-    fraction of a millisecond apart, and waking a sleeping thread took 0.1 to 0.5 ms on these 2-core virtual machines.
+    loop that holds no GIL, for ``spins`` reads (:data:`_SPIN_SECONDS`), and only then sleeps: the ops of a forward come
+    a fraction of a millisecond apart, and waking a sleeping thread took 0.1 to 0.5 ms on these 2-core virtual machines.
     """
 
     def __init__(self):
@@ -220,6 +223,7 @@ class _Helpers:
         self.sleeping = 0  # helpers asleep on ``wakeup``
         self.schedule = None  # made with the first helper (vitnp.kernels, which names its slots, imports this module)
         self.started = 0
+        self.spins = None  # reads of schedule[JOB] in _SPIN_SECONDS, measured with the first helper
         self.job = None  # (function, arguments, how many helpers take part)
         self.errors = []
 
@@ -248,7 +252,7 @@ class _Helpers:
         finally:
             if schedule[kernels.JOB] != job:  # the call failed before the kernel ran: the helpers try it and finish
                 schedule[kernels.JOB] = job
-            while not kernels.wait_finished(schedule, helpers, job, _SPINS):
+            while not kernels.wait_finished(schedule, helpers, job, self.spins):
                 with self.wakeup:  # a helper went to sleep just as the job came, or the machine descheduled it
                     self.wakeup.notify_all()
                 time.sleep(0.0001)
@@ -261,27 +265,29 @@ class _Helpers:
 
         if self.schedule is None:
             self.schedule = np.zeros(kernels.FINISHED + _MAX_HELPERS, np.int64)
+            self.spins = _spins_in(_SPIN_SECONDS)
         job = self.schedule[kernels.JOB]
         for index in range(self.started, helpers):
             self.schedule[kernels.FINISHED + index] = job
-            threading.Thread(target=self._loop, args=(index,), name=f"vitnp-{index}", daemon=True).start()
+            threading.Thread(target=self._loop, args=(index, int(job)), name=f"vitnp-{index}", daemon=True).start()
         self.started = helpers
 
-    def _loop(self, index):
+    def _loop(self, index, seen):
+        # seen: the last job before this helper started (a job announced before the thread first runs is picked up)
         from . import kernels
 
         schedule = self.schedule
-        seen = int(schedule[kernels.JOB])
         while True:
-            if not kernels.finish_and_wait(schedule, index, seen, _SPINS):
+            if not kernels.finish_and_wait(schedule, index, seen, self.spins):
                 with self.wakeup:
                     self.sleeping += 1
                     # A job announced (without the lock) just as this helper gave up spinning finds ``sleeping`` still
-                    # 0 and wakes no one: the first wait is short, so such a job is picked up a millisecond late.
+                    # 0 and wakes no one: the first waits are short (1, 2, 4, ... 32 ms), so such a job is picked up
+                    # that late at most (later than that, the calling thread wakes the helpers once its part is done).
                     timeout = 0.001
                     while schedule[kernels.JOB] == seen:
                         self.wakeup.wait(timeout)
-                        timeout = None
+                        timeout = 2 * timeout if timeout is not None and timeout < 0.032 else None
                     self.sleeping -= 1
             seen = int(schedule[kernels.JOB])
             kernel, arguments, helpers = self.job
@@ -290,6 +296,21 @@ class _Helpers:
                     kernel(*arguments, schedule, 0)
                 except BaseException as error:  # handed to the caller, which raises it
                     self.errors.append(error)
+
+
+def _spins_in(seconds):
+    """How many reads of a flag :func:`vitnp.kernels.finish_and_wait` makes in ``seconds`` on this machine (the
+    fastest of three timings of 2^16 reads: ~0.27 ns a read on AVX-512 Zen 4, ~2 on AVX2 Zen 3)."""
+    from . import kernels
+
+    schedule = np.zeros(kernels.FINISHED + 1, np.int64)  # job 0, never followed by another: every read is made
+    reads = 1 << 16
+    fastest = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        kernels.finish_and_wait(schedule, 0, 0, reads)
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(reads, int(seconds / fastest * reads))
 
 
 _helpers = _Helpers()
