@@ -1,7 +1,7 @@
 """Same-process A/B of two vitnp source trees, kernel by kernel and model by model: both trees imported at once (as
 two packages), their calls alternating, paired ratios.
 
-    python benchmarks/ab_kernels.py BEFORE_TREE AFTER_TREE --cases gemm attention rows models --rounds 30
+    python benchmarks/ab_kernels.py BEFORE_TREE AFTER_TREE --cases gemm attention rows depthwise conv models --rounds 30
 
 A source tree is a directory with ``vitnp/`` in it (``git archive <commit> vitnp | tar -x -C /tmp/before``). On a
 shared virtual machine the speed drifts by more than a few percent between interpreters, so ``ab_trees.py`` (an
@@ -93,6 +93,24 @@ def depthwise_cases(vitnp):
     return cases
 
 
+def conv_cases(vitnp):
+    """MobileViT's k x k convs as its Conv2d modules run them (BatchNorm's scale and shift, SiLU): the stem, stage 3's
+    local 3x3 conv, and the fusion convs of stages 3, 4 and 5 on their two maps."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    for name, size, channels, out, stride in [("stem", 256, (3,), 16, 2), ("kxk", 32, (96,), 96, 1),
+                                              ("fusion", 32, (96, 96), 96, 1), ("fusion", 16, (128, 128), 128, 1),
+                                              ("fusion", 8, (160, 160), 160, 1)]:
+        conv = vitnp.mobilevit.Conv2d(sum(channels), out, 3, stride)
+        conv._parameters["weight"] = (rng.standard_normal(conv.weight.shape) * 0.05).astype(np.float32)
+        maps = tuple(rng.standard_normal((1, size, size, c)).astype(np.float32) for c in channels)
+        x = maps if len(maps) > 1 else maps[0]
+        scale, shift = np.ones(out, np.float32), np.zeros(out, np.float32)
+        label = f"conv {name} {size}x{size}x{'+'.join(map(str, channels))} -> {out}"
+        cases[label] = lambda conv=conv, x=x, scale=scale, shift=shift: conv(x, None, scale, shift, "silu")
+    return cases
+
+
 def model_cases(vitnp):
     """Whole forwards, batch 1, random weights."""
     cases = {}
@@ -117,7 +135,7 @@ def blas_report():
 
 
 CASES = {"gemm": gemm_cases, "attention": attention_cases, "rows": row_cases, "depthwise": depthwise_cases,
-         "models": model_cases}
+         "conv": conv_cases, "models": model_cases}
 
 
 def import_tree(tree, name, workdir):

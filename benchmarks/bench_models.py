@@ -19,11 +19,18 @@ import sys
 
 _OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
-if __name__ == "__main__" and any(name in os.environ for name in _OPENBLAS_OVERRIDES):
-    # OpenBLAS reads these once, when it is loaded: restart without them before anything imports NumPy.
-    _env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
-    _env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in _OPENBLAS_OVERRIDES if k in os.environ)
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], _env)
+
+def restart_without_openblas_overrides(script):
+    """Re-execute ``script`` (with this process's arguments) without the OpenBLAS variables, if any is set. OpenBLAS
+    reads them once, when it is loaded: call this before anything imports NumPy."""
+    if any(name in os.environ for name in _OPENBLAS_OVERRIDES):
+        env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
+        env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in _OPENBLAS_OVERRIDES if k in os.environ)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    restart_without_openblas_overrides(__file__)
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
