@@ -467,6 +467,22 @@ def test_attention_rejects_shapes_that_do_not_fit():
         kernels.attention(qkv, 1.0, mask=np.zeros((3, 5, 5), np.float32))
 
 
+@given(st.integers(1, 2), st.integers(3, 12), st.integers(3, 12), st.integers(1, 150), st.integers(1, 2),
+       st.integers(0, 1), st.sampled_from(["none", "silu"]), DTYPES, st.integers(0, 2**32 - 1))
+def test_depthwise_3x3_inside_the_map_is_the_general_sum_bit_for_bit(B, H, W, C, stride, padding, act, dtype, seed):
+    # A 3x3 window inside the map runs its taps as one unrolled loop; the same weights ringed with zeros as a 5x5
+    # kernel (padding one more) take the general loops over the taps inside, adding exact zeros in between: the same
+    # sums in the same order, so the same bits, over every channel path (4 vectors, 1 vector, one by one).
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, H, W, C)).astype(dtype)
+    weight = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
+    ringed = np.zeros((C, 1, 5, 5), dtype)
+    ringed[:, :, 1:4, 1:4] = weight
+    scale, shift = rng.uniform(0.5, 2, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    y = kernels.depthwise_conv2d(x, weight, stride, padding, scale, shift, act)
+    np.testing.assert_array_equal(y, kernels.depthwise_conv2d(x, ringed, stride, padding + 1, scale, shift, act))
+
+
 # im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d; conv2d: none
 # beyond linear on im2col's matrix.
 
