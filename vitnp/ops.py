@@ -145,9 +145,10 @@ def window_reverse(windows, window_size, H, W):
 # MobileViT: convolution, BatchNorm (eval), SiLU, bilinear resize, on NHWC maps (B, H, W, C)
 #
 # MobileViT keeps its feature maps NHWC, as Swin does: a 1x1 conv is then a Linear over the channels, a kxk conv a
-# Linear over the im2col rows of the windows of :func:`conv_windows` (built by :func:`vitnp.kernels.im2col`; both on
-# :func:`vitnp.kernels.linear`, with the BatchNorm and SiLU applied as each output tile is written), and the depthwise
-# kernel's innermost loop runs over contiguous channels. The model calls batch_norm_scale_shift / fold_batch_norm /
+# Linear over the im2col rows of the windows of :func:`conv_windows` (:func:`vitnp.kernels.conv2d` builds them a band
+# at a time, as :func:`vitnp.kernels.im2col` builds them all; both on the GEMM of :func:`vitnp.kernels.linear`, with the
+# BatchNorm and SiLU applied as each output tile is written), and the depthwise kernel's innermost loop runs over
+# contiguous channels. The model calls batch_norm_scale_shift / fold_batch_norm /
 # resize_bilinear from here; the definitions of conv_windows, conv2d, depthwise_conv2d, batch_norm and silu are what
 # those kernels are held to.
 # ---------------------------------------------------------------------------------------------------------------------
