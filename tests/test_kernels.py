@@ -430,7 +430,6 @@ def test_attention_matches_torch_and_numpy_twin(data):
     assert_close(y, twin.transpose(0, 2, 1, 3), "kernel")
 
 
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_attention_on_every_size_up_to_two_panels(dtype):
     # Every head_dim and every number of keys from 1 to two panels and one more: whole panels, panels cut short,
@@ -442,6 +441,7 @@ def test_attention_on_every_size_up_to_two_panels(dtype):
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)
         twin = ops.scaled_dot_product_attention(q, k, v, dtype(0.3), np.zeros((), dtype))
         assert_close(kernels.attention(qkv, 0.3), twin.transpose(0, 2, 1, 3), "kernel")
+
 
 def test_attention_rows_average_the_values():
     # No oracle: with every score equal (q = 0) each output row is the mean of v's rows; with one key scoring far

@@ -912,7 +912,7 @@ def _vlane(typingctx, vector, lane):
 
 class _LaneMath:
     """LLVM IR on vectors of one type, for the activations below: a constant in every lane, an LLVM intrinsic
-    (``fma``, ``floor``, ``exp``) on whole vectors, a libm function lane by lane."""
+    (``fma``, ``exp``) on whole vectors, a libm function lane by lane."""
 
     def __init__(self, builder, vector_type):
         self.builder = builder
@@ -1542,10 +1542,11 @@ def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none"
     flat_maps, channels, B, H, W, Ho, Wo = _conv_maps(maps, kernel_size, stride, padding, "conv2d")
     dtype = flat_maps[0].dtype
     panels, out_features = packed
-    row_length = kernel_size * kernel_size * int(channels.sum())
+    C = int(channels.sum())
+    row_length = kernel_size * kernel_size * C
     if panels.dtype != dtype or panels.shape[1] != row_length:
         raise ValueError(f"conv2d: the weight ({panels.dtype}, {panels.shape[1]} inputs) does not fit a "
-                         f"{kernel_size}x{kernel_size} conv over {int(channels.sum())} {dtype} channels")
+                         f"{kernel_size}x{kernel_size} conv over {C} {dtype} channels")
     n_panels, _, width = panels.shape
     padded_scale, padded_shift = _padded_scale_shift(n_panels * width, out_features, scale, bias, dtype)
     residual2 = _residual_rows(residual, (B, Ho, Wo, out_features), dtype, "conv2d")
