@@ -47,6 +47,31 @@ def gemm_cases(vitnp):
     return cases
 
 
+def pointwise_cases(vitnp):
+    """MobileViT's 1x1 convs and transformer Linears at batch 1 (one thread: a transformer's four sequences as one
+    batch), the ten with the most multiply-adds, with their BatchNorm's scale and their SiLU or residual's add."""
+    kernels = vitnp.kernels
+    rng = np.random.default_rng(0)
+    cases = {}
+    shapes = [
+        ("silu", 16384, 32, 128), ("none", 16384, 64, 32), ("silu", 4096, 64, 256), ("residual", 4096, 256, 64),
+        ("none", 1024, 144, 432), ("silu", 1024, 144, 288), ("residual", 1024, 288, 144), ("silu", 1024, 96, 384),
+        ("none", 256, 192, 576), ("silu", 256, 192, 384),
+    ]  # fmt: skip
+    for kind, rows, depth, columns in shapes:
+        x = rng.standard_normal((rows, depth)).astype(np.float32)
+        packed = kernels.pack_linear_weight((rng.standard_normal((columns, depth)) * 0.05).astype(np.float32))
+        scale, shift = np.ones(columns, np.float32), np.zeros(columns, np.float32)
+        act = "silu" if kind == "silu" else "none"
+        residual = rng.standard_normal((rows, columns)).astype(np.float32) if kind == "residual" else None
+        cases[f"linear {rows}x{depth}x{columns} {kind}"] = (
+            lambda x=x, packed=packed, shift=shift, act=act, scale=scale, residual=residual: kernels.linear(
+                x, packed, shift, act, scale, residual
+            )
+        )
+    return cases
+
+
 def attention_cases(vitnp):
     """Attention on MobileViT's (head_dim 36), ViT's (197 keys) and Swin's (49-token windows) heads."""
     rng = np.random.default_rng(0)
@@ -94,8 +119,9 @@ def depthwise_cases(vitnp):
 
 
 def conv_cases(vitnp):
-    """MobileViT's k x k convs as its Conv2d modules run them (BatchNorm's scale and shift, SiLU): the stem, stage 3's
-    local 3x3 conv, and the fusion convs of stages 3, 4 and 5 on their two maps."""
+    """MobileViT's k x k convs as its Conv2d modules run them (BatchNorm's scale and shift, SiLU): the stem's shape on
+    an NHWC map, stage 3's local 3x3 conv, the fusion convs of stages 3, 4 and 5 on their two maps, and the model's
+    stem itself."""
     rng = np.random.default_rng(0)
     cases = {}
     for name, size, channels, out, stride in [("stem", 256, (3,), 16, 2), ("kxk", 32, (96,), 96, 1),
@@ -108,6 +134,14 @@ def conv_cases(vitnp):
         scale, shift = np.ones(out, np.float32), np.zeros(out, np.float32)
         label = f"conv {name} {size}x{size}x{'+'.join(map(str, channels))} -> {out}"
         cases[label] = lambda conv=conv, x=x, scale=scale, shift=shift: conv(x, None, scale, shift, "silu")
+    # mobilevit_s's stem as forward_features runs it: on the NCHW images where the stem reads them in place
+    # (Conv2d.reads_images), else on their NHWC copy, made first
+    stem = vitnp.create_model("mobilevit_s", seed=0).stem
+    images = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)
+    if getattr(stem.conv, "reads_images", False):
+        cases["mobilevit_s stem on the 256x256 images"] = lambda: stem(images)
+    else:
+        cases["mobilevit_s stem on the 256x256 images"] = lambda: stem(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
     return cases
 
 
@@ -134,8 +168,8 @@ def blas_report():
     return f"BLAS: {', '.join(blas) or 'none found'}; set in the environment: {found}"
 
 
-CASES = {"gemm": gemm_cases, "attention": attention_cases, "rows": row_cases, "depthwise": depthwise_cases,
-         "conv": conv_cases, "models": model_cases}
+CASES = {"gemm": gemm_cases, "pointwise": pointwise_cases, "attention": attention_cases, "rows": row_cases,
+         "depthwise": depthwise_cases, "conv": conv_cases, "models": model_cases}
 
 
 def import_tree(tree, name, workdir):

@@ -467,12 +467,14 @@ def test_attention_rejects_shapes_that_do_not_fit():
         kernels.attention(qkv, 1.0, mask=np.zeros((3, 5, 5), np.float32))
 
 
-@given(st.integers(1, 2), st.integers(3, 12), st.integers(3, 12), st.integers(1, 150), st.integers(1, 2),
-       st.integers(0, 1), st.sampled_from(["none", "silu"]), DTYPES, st.integers(0, 2**32 - 1))
+@given(st.integers(1, 2), st.integers(3, 12), st.integers(3, 12), st.integers(1, 150) | st.sampled_from([16, 48, 128]),
+       st.integers(1, 2), st.integers(0, 1), st.sampled_from(["none", "silu"]), DTYPES, st.integers(0, 2**32 - 1))
 def test_depthwise_3x3_inside_the_map_is_the_general_sum_bit_for_bit(B, H, W, C, stride, padding, act, dtype, seed):
-    # A 3x3 window inside the map runs its taps as one unrolled loop; the same weights ringed with zeros as a 5x5
-    # kernel (padding one more) take the general loops over the taps inside, adding exact zeros in between: the same
-    # sums in the same order, so the same bits, over every channel path (4 vectors, 1 vector, one by one).
+    # A 3x3 window inside the map runs its nine taps as one unrolled loop, and at stride 1 with whole vectors of
+    # channels (C a multiple of 16: drawn often) four such windows side by side run together; the same weights
+    # ringed with zeros as a 5x5 kernel (padding one more) take the general loops over the taps inside, adding exact
+    # zeros in between: the same sums in the same order, so the same bits, over every channel path (4 vectors,
+    # 1 vector, one by one) and every place along a row.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, H, W, C)).astype(dtype)
     weight = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
@@ -539,6 +541,53 @@ def test_conv2d_rejects_a_weight_that_does_not_fit():
         kernels.conv2d(x, packed, 3, padding=1, residual=np.zeros((1, 5, 5, 5), np.float32))
     with pytest.raises(ValueError, match="conv2d: a 9x9 kernel does not fit a 5x5 map padded by 1"):
         kernels.conv2d(x, packed, 9, padding=1)
+
+
+def _assert_image_conv2d_is_conv2d(B, C, H, W, kernel, stride, padding, out, dtype, rng):
+    images = rng.standard_normal((B, C, H, W)).astype(dtype)
+    packed = kernels.pack_linear_weight(rng.standard_normal((out, kernel * kernel * C)).astype(dtype))
+    scale, shift = rng.uniform(0.5, 2, out).astype(dtype), rng.standard_normal(out).astype(dtype)
+    nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    for act in kernels.ACTIVATIONS:
+        y = kernels.image_conv2d(images, packed, kernel, stride, padding, shift, act, scale)
+        assert y.dtype == dtype and y.flags.c_contiguous
+        np.testing.assert_array_equal(y, kernels.conv2d(nhwc, packed, kernel, stride, padding, shift, act, scale))
+
+
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(0, 8), st.integers(0, 30), st.sampled_from([1, 3, 5]),
+       st.integers(1, 3), st.integers(0, 2), st.integers(1, 40), DTYPES, st.integers(0, 2**32 - 1))
+def test_image_conv2d_is_conv2d_on_the_images_made_nhwc_bit_for_bit(B, C, more_rows, more_columns, kernel, stride,
+                                                                      padding, out, dtype, seed):
+    # image_conv2d reads NCHW images in place, eight output pixels at a time where their windows are inside the image
+    # (rows up to 30 pixels wide: some with a run of eight, some with two, some pixel by pixel) and skipping the
+    # padding's taps: the same products in the same order as conv2d's GEMM on the NHWC copy, so the same bits, for
+    # any number of output channels (vectors cut short) and every activation (gelu_tanh over each row after).
+    smallest = max(1, kernel - 2 * padding)  # the kernel fits the padded image
+    H, W = smallest + more_rows, smallest + more_columns
+    _assert_image_conv2d_is_conv2d(B, C, H, W, kernel, stride, padding, out, dtype, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 2, 1), (3, 1, 1), (3, 1, 0), (5, 2, 2), (1, 1, 0)])
+def test_image_conv2d_runs_of_eight_end_inside_the_image_at_every_width(kernel, stride, padding):
+    # Whether a run of eight windows may go together depends on where the eighth ends: every width from the
+    # smallest up to three runs' worth, so that a run ends just inside, at and just past the image's edge.
+    rng = np.random.default_rng(kernel * 10 + stride)
+    for W in range(max(1, kernel - 2 * padding), 24 * stride + kernel):
+        _assert_image_conv2d_is_conv2d(1, 3, kernel + 1, W, kernel, stride, padding, 16, np.float32, rng)
+
+
+def test_image_conv2d_rejects_images_and_weights_that_do_not_fit():
+    packed = kernels.pack_linear_weight(np.zeros((6, 3 * 3 * 3), np.float32))
+    with pytest.raises(ValueError, match=r"float32 or float64 NCHW images \(B, C, H, W\), got float32 \(3, 5, 5\)"):
+        kernels.image_conv2d(np.zeros((3, 5, 5), np.float32), packed, 3)
+    with pytest.raises(ValueError, match="NCHW images .* got int64"):
+        kernels.image_conv2d(np.zeros((1, 3, 5, 5), np.int64), packed, 3)
+    with pytest.raises(ValueError, match=r"the weight \(float32, 27 inputs\) does not fit a 3x3 conv over 4 float32"):
+        kernels.image_conv2d(np.zeros((1, 4, 5, 5), np.float32), packed, 3)
+    with pytest.raises(ValueError, match="does not fit a 3x3 conv over 3 float64 channels"):
+        kernels.image_conv2d(np.zeros((1, 3, 5, 5)), packed, 3)
+    with pytest.raises(ValueError, match="image_conv2d: a 3x3 kernel does not fit a 2x5 image padded by 0"):
+        kernels.image_conv2d(np.zeros((1, 3, 2, 5), np.float32), packed, 3)
 
 
 def test_im2col_rejects_maps_that_do_not_fit():

@@ -5,7 +5,8 @@ the transformer width, the map cut into 2x2 patches and a transformer run across
 pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). The model takes and
 gives NCHW arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that every conv is a GEMM over the
 channels (``kernels.linear``) or a depthwise kernel whose loops run along contiguous channels, and the unfold to
-patches moves whole channel vectors. The blocks (``model.stages[s][b]``) take and give NHWC maps.
+patches moves whole channel vectors. The stem reads the NCHW images in place and gives an NHWC map; the blocks
+(``model.stages[s][b]``) take and give NHWC maps.
 
 Parameters carry timm's ``state_dict`` names: ``stem.conv / stem.bn``, ``stages.{s}.{b}.conv1_1x1 / conv2_kxk /
 conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm / conv_proj / conv_fusion``
@@ -75,10 +76,11 @@ class Conv2d(Module):
     A 1x1 conv is a Linear over the channels (``kernels.linear``), any other conv a Linear over the im2col rows
     (``kernels.conv2d``: ``kernels.im2col``'s rows a band at a time, on the same GEMM); a depthwise conv (one channel
     per group, the only grouped conv MobileViT has) is the Numba kernel. Each can end in a per-channel scale and shift
-    and an activation: the BatchNorm and SiLU after it.
+    and an activation: the BatchNorm and SiLU after it. With ``reads_images`` the conv takes the network's NCHW input
+    images instead of an NHWC map and reads them in place (``kernels.image_conv2d``: the stem); it still gives NHWC.
     """
 
-    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1):
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, reads_images=False):
         super().__init__()
         self.depthwise = groups == in_chs == out_chs
         if groups != 1 and not self.depthwise:
@@ -88,6 +90,9 @@ class Conv2d(Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = ((stride - 1) + (kernel_size - 1)) // 2
+        self.reads_images = reads_images
+        if reads_images and groups != 1:
+            raise ValueError("Conv2d: a conv that reads the input images is a plain one (groups=1)")
 
     def __call__(self, x, weight=None, scale=None, shift=None, act="none", residual=None):
         """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
@@ -102,6 +107,10 @@ class Conv2d(Module):
                 raise ValueError("Conv2d: a depthwise conv takes one map and no residual")
             return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
         packed = packed_weight(self, weight=weight, channels_last=True)
+        if self.reads_images:  # (B, in_chs, H, W) images, read in place; no residual (MobileViT's stem has none)
+            if residual is not None or isinstance(x, tuple):
+                raise ValueError("Conv2d: a conv that reads the input images takes one batch of them and no residual")
+            return kernels.image_conv2d(x, packed, self.kernel_size, self.stride, self.padding, shift, act, scale)
         if self.kernel_size == 1 and self.stride == 1 and not isinstance(x, tuple):
             return kernels.linear(x, packed, shift, act, scale, residual)  # a 1x1 conv is a Linear over the channels
         # a Linear over the im2col rows (B, Ho, Wo, k*k*C), columns in (u, v, c) order, a band of rows at a time
@@ -136,9 +145,9 @@ class ConvNormAct(Module):
     After :meth:`fold` the BatchNorm lives in the conv: conv(x, weight * scale) + shift, then the activation.
     """
 
-    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, act="silu"):
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, act="silu", reads_images=False):
         super().__init__()
-        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, groups)
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, groups, reads_images)
         self.bn = BatchNormAct2d(out_chs, act)
         self.folded = None
 
@@ -279,7 +288,7 @@ class MobileViT(Model):
         self.num_classes = cfg.num_classes
         self.num_features = cfg.num_features
 
-        self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2)
+        self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2, reads_images=True)  # NCHW in, NHWC out
         self.stages = Module()
         self.block_list = []
         in_chs = cfg.stem_chs
@@ -323,8 +332,7 @@ class MobileViT(Model):
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, num_features, h, w): stem, MV2 and MobileViT blocks, final 1x1 conv."""
-        x = _to_nhwc(self.check_input(x))  # (B, H, W, C): the blocks work on NHWC maps
-        x = self.stem(x)  # (B, H / 2, W / 2, stem_chs)
+        x = self.stem(self.check_input(x))  # (B, H / 2, W / 2, stem_chs): the blocks work on NHWC maps
         for block in self.block_list:
             x = block(x)
         return _to_nchw(self.final_conv(x))  # (B, num_features, h, w)
@@ -335,9 +343,8 @@ class MobileViT(Model):
         Names are timm's module paths: 'stem' (B, stem_chs, H/2, W/2); 'stages.{s}.{b}' (each MV2 or MobileViT
         block's output, NCHW); 'final_conv' (forward_features); 'pre_logits' (pooled); 'logits' (with a head).
         """
-        x = _to_nhwc(self.check_input(x))
         trace = {}
-        x = self.stem(x)
+        x = self.stem(self.check_input(x))
         trace["stem"] = _to_nchw(x)
         for s, stage in enumerate(self.stages._modules.values()):
             for b, block in stage._modules.items():
@@ -361,10 +368,6 @@ class MobileViT(Model):
         if pre_logits or not self.num_classes:
             return x
         return self.head.fc(x)
-
-
-def _to_nhwc(x):
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
 
 
 def _to_nchw(x):
