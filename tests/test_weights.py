@@ -317,6 +317,25 @@ def test_a_packed_weight_cannot_be_changed_in_place():
         weight[0, 0] = 1.0
 
 
+def test_a_batch_norm_is_applied_from_its_current_arrays_and_cannot_be_changed_in_place():
+    # MobileViT's convs apply each BatchNorm as x * scale + shift, computed once from its four arrays: a load's new
+    # arrays are seen at the next forward; an in-place change, which the kept values would not see, fails loudly.
+    model = vitnp.create_model("mobilevit_xxs", seed=0, img_size=64)
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    before = model(x)
+    bn = model.stem.bn
+    assert bn.scale_shift() is bn.scale_shift()
+    with pytest.raises(ValueError, match="read-only"):
+        bn.running_var[0] = 2.0
+    state = model.state_dict()
+    state["stem.bn.running_var"] = np.full_like(state["stem.bn.running_var"], 4.0)
+    model.load_state_dict(state)
+    scale, shift = bn.scale_shift()
+    np.testing.assert_array_equal(scale, bn.weight / np.sqrt(np.float32(4.0) + np.float32(bn.eps)))
+    np.testing.assert_array_equal(shift, bn.bias - bn.running_mean * scale)
+    assert np.abs(model(x) - before).max() > 1e-3
+
+
 def _resident_bytes(path):
     """Bytes of ``path``'s mappings resident in this process (Linux /proc/self/smaps)."""
     total, in_file = 0, False

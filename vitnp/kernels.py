@@ -8,6 +8,7 @@ The public functions here take arrays of any leading shape and work over the las
 functions are the jitted loops over rows of a 2-D array.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -1224,13 +1225,29 @@ def pack_linear_weight(weight):
 
 def _padded_scale_shift(padded_columns, out_features, scale, bias, dtype):
     """A GEMM's per-column scale and shift padded to whole panels: (1 or ``scale``, 0 or ``bias``) then (1, 0)."""
-    padded_scale = np.ones(padded_columns, dtype)
-    padded_shift = np.zeros(padded_columns, dtype)
-    if scale is not None:
-        padded_scale[:out_features] = scale
-    if bias is not None:
-        padded_shift[:out_features] = bias
-    return padded_scale, padded_shift
+    padded_scale = _padded(scale, 1.0, padded_columns, out_features, dtype)
+    return padded_scale, _padded(bias, 0.0, padded_columns, out_features, dtype)
+
+
+def _padded(values, fill, padded_columns, out_features, dtype):
+    # ``values`` (out_features,) then ``fill`` up to padded_columns, or ``fill`` throughout for None. The kernels only
+    # read them: a constant vector is made once, and a given one that needs no padding is used as it is when it is a
+    # contiguous, writable array of ``dtype`` (a read-only one would make Numba compile the kernels again, for
+    # read-only arrays). Copying them on every call cost ~1.7 microseconds a GEMM.
+    if values is None:
+        return _constant_vector(fill, padded_columns, np.dtype(dtype))
+    values = np.asarray(values)
+    flags = values.flags
+    if out_features == padded_columns and values.dtype == dtype and flags.c_contiguous and flags.writeable:
+        return values
+    padded = np.full(padded_columns, fill, dtype)
+    padded[:out_features] = values
+    return padded
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_vector(fill, length, dtype):
+    return np.full(length, fill, dtype)
 
 
 def _residual_rows(residual, shape, dtype, name):
