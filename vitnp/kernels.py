@@ -1349,7 +1349,9 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
     # channels in memory), gelu_tanh over the output row. A 3x3 window inside the map (all but MobileViT's edge
     # pixels) runs its nine taps as one loop of constant length, which LLVM unrolls: 0.87-0.96 of the time of the
     # two loops over the taps inside, on MobileViT's maps (bit for bit the same sums, tested). At stride 1, with C
-    # whole vectors, four pixels side by side whose windows are inside go together (_depthwise_3x3_four_pixels).
+    # whole vectors, four pixels side by side whose windows are inside go together (_depthwise_3x3_four_pixels:
+    # 0.78-0.84 of the time on MobileViT's stride-1 maps in its forward, one thread; at stride 2 four at a time was
+    # 1.3x slower on the 128x128x128 map, so there the pixels stay one at a time).
     _, H, W, C = x.shape
     Ho, Wo = out.shape[1], out.shape[2]
     kh, kw = weight.shape[0], weight.shape[1]

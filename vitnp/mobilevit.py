@@ -96,7 +96,8 @@ class Conv2d(Module):
             raise ValueError("Conv2d: a conv that reads the input images is a plain one (groups=1)")
 
     def __call__(self, x, weight=None, scale=None, shift=None, act="none", residual=None):
-        """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
+        """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs), or
+        (B, in_chs, H, W) images -> (B, Ho, Wo, out_chs) for a conv that ``reads_images``.
 
         ``x`` may be a tuple of maps, read as their channel concatenation (timm's ``torch.cat`` before the conv) without
         building it; ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1
