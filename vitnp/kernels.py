@@ -1450,9 +1450,7 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act
     if weight.dtype != x.dtype:
         raise ValueError(f"depthwise_conv2d: input dtype {x.dtype} differs from the weight's {weight.dtype}")
     kh, kw = weight.shape[2], weight.shape[3]
-    Ho, Wo = ops.conv_output_size(H, kh, stride, padding), ops.conv_output_size(W, kw, stride, padding)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"depthwise_conv2d: a {kh}x{kw} kernel does not fit a {H}x{W} map padded by {padding}")
+    Ho, Wo = _conv_output_size(H, W, kh, kw, stride, padding, "depthwise_conv2d", "map")
     taps = np.ascontiguousarray(weight.reshape(C, kh, kw).transpose(1, 2, 0))  # (kh, kw, C)
     scale = np.ones(C, x.dtype) if scale is None else np.ascontiguousarray(scale, x.dtype)
     shift = np.zeros(C, x.dtype) if shift is None else np.ascontiguousarray(shift, x.dtype)
@@ -1550,6 +1548,21 @@ def _conv2d_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, p
         begin, end = take_chunk(schedule, 0)
 
 
+def _conv_output_size(H, W, kh, kw, stride, padding, name, what):
+    """(Ho, Wo) of a kh x kw conv over an H x W ``what`` (map or image); a clear error when the kernel does not fit."""
+    Ho, Wo = ops.conv_output_size(H, kh, stride, padding), ops.conv_output_size(W, kw, stride, padding)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{name}: a {kh}x{kw} kernel does not fit a {H}x{W} {what} padded by {padding}")
+    return Ho, Wo
+
+
+def _check_conv_weight(panels, kernel_size, C, dtype, name):
+    """A packed conv weight's panels must be ``dtype`` and take the k*k*C values of a window."""
+    if panels.dtype != dtype or panels.shape[1] != kernel_size * kernel_size * C:
+        raise ValueError(f"{name}: the weight ({panels.dtype}, {panels.shape[1]} inputs) does not fit a "
+                         f"{kernel_size}x{kernel_size} conv over {C} {dtype} channels")
+
+
 def _conv_maps(maps, kernel_size, stride, padding, name):
     """Check ``maps`` (one NHWC map or a tuple of them) for a k x k conv: (flat maps, channels per map, B, H, W, Ho,
     Wo)."""
@@ -1562,10 +1575,7 @@ def _conv_maps(maps, kernel_size, stride, padding, name):
     if first.dtype not in (np.float32, np.float64):
         raise ValueError(f"{name}: expected float32 or float64 maps, got {first.dtype}")
     B, H, W = first.shape[:3]
-    Ho = ops.conv_output_size(H, kernel_size, stride, padding)
-    Wo = ops.conv_output_size(W, kernel_size, stride, padding)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"{name}: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} map padded by {padding}")
+    Ho, Wo = _conv_output_size(H, W, kernel_size, kernel_size, stride, padding, name, "map")
     channels = np.array([x.shape[3] for x in maps], np.int64)
     flat_maps = tuple(np.ascontiguousarray(x).reshape(-1) for x in maps)
     return flat_maps, channels, B, H, W, Ho, Wo
@@ -1596,9 +1606,7 @@ def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none"
     panels, out_features = packed
     C = int(channels.sum())
     row_length = kernel_size * kernel_size * C
-    if panels.dtype != dtype or panels.shape[1] != row_length:
-        raise ValueError(f"conv2d: the weight ({panels.dtype}, {panels.shape[1]} inputs) does not fit a "
-                         f"{kernel_size}x{kernel_size} conv over {C} {dtype} channels")
+    _check_conv_weight(panels, kernel_size, C, dtype, "conv2d")
     n_panels, _, width = panels.shape
     padded_scale, padded_shift = _padded_scale_shift(n_panels * width, out_features, scale, bias, dtype)
     residual2 = _residual_rows(residual, (B, Ho, Wo, out_features), dtype, "conv2d")
@@ -1714,14 +1722,8 @@ def image_conv2d(images, packed, kernel_size, stride=1, padding=0, bias=None, ac
     images = np.ascontiguousarray(images)
     B, C, H, W = images.shape
     panels, out_features = packed
-    if panels.dtype != images.dtype or panels.shape[1] != kernel_size * kernel_size * C:
-        raise ValueError(f"image_conv2d: the weight ({panels.dtype}, {panels.shape[1]} inputs) does not fit a "
-                         f"{kernel_size}x{kernel_size} conv over {C} {images.dtype} channels")
-    Ho = ops.conv_output_size(H, kernel_size, stride, padding)
-    Wo = ops.conv_output_size(W, kernel_size, stride, padding)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"image_conv2d: a {kernel_size}x{kernel_size} kernel does not fit a {H}x{W} image padded by "
-                         f"{padding}")
+    _check_conv_weight(panels, kernel_size, C, images.dtype, "image_conv2d")
+    Ho, Wo = _conv_output_size(H, W, kernel_size, kernel_size, stride, padding, "image_conv2d", "image")
     n_panels, _, width = panels.shape
     lanes = width // 2
     padded_scale, padded_shift = _padded_scale_shift(n_panels * width, out_features, scale, bias, images.dtype)

@@ -194,10 +194,10 @@ def map_batch(forward, x, macs=None):
 
 
 # How long a waiting thread spins before it goes to sleep (as reads of a flag, counted on this machine when the first
-# helper starts). 0.07 ms had been enough back to back, but a forward whose caches other work had emptied ran its
-# Python between two shared kernels slowly enough for the helper to fall asleep again and again: mobilevit_s batch 1
-# on two threads after a cache sweep 37.2-44.7 ms with 0.07 ms, 31.7-36.6 with 0.5 (31.0-31.5 warm either way;
-# benchmarks/README.md).
+# helper starts). 0.07 ms had been enough back to back, but in a forward whose caches other work had emptied the gaps
+# between two shared kernels grew long enough for the helper to fall asleep again and again (not the Python between
+# them, which a sweep leaves as fast): mobilevit_s batch 1 on two threads after a cache sweep 37.2-44.7 ms with
+# 0.07 ms, 31.7-36.6 with 0.5 (31.0-31.5 warm either way; benchmarks/README.md).
 _SPIN_SECONDS = 0.0005
 # Work of fewer multiply-adds (or the equivalent) than this runs on the calling thread alone: handing a kernel's
 # chunks to a helper costs ~25 microseconds here, about this much work on one core.
