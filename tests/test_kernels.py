@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
+import vitnp
 from vitnp import kernels, ops
 
 try:
@@ -483,6 +484,101 @@ def test_depthwise_3x3_inside_the_map_is_the_general_sum_bit_for_bit(B, H, W, C,
     scale, shift = rng.uniform(0.5, 2, C).astype(dtype), rng.standard_normal(C).astype(dtype)
     y = kernels.depthwise_conv2d(x, weight, stride, padding, scale, shift, act)
     np.testing.assert_array_equal(y, kernels.depthwise_conv2d(x, ringed, stride, padding + 1, scale, shift, act))
+
+
+def _inverted_residual_case(rng, B, H, W, in_chs, mid, out_chs, kernel, dtype):
+    """Random x, the three convs' (weight, scale, shift) and their packed 1x1 weights, for inverted_residual."""
+    x = rng.standard_normal((B, H, W, in_chs)).astype(dtype)
+    expand_weight = (rng.standard_normal((mid, in_chs)) * in_chs**-0.5).astype(dtype)
+    depthwise_weight = (rng.standard_normal((mid, 1, kernel, kernel)) / kernel).astype(dtype)
+    project_weight = (rng.standard_normal((out_chs, mid)) * mid**-0.5).astype(dtype)
+    scale_shifts = [
+        (rng.uniform(0.5, 2, n).astype(dtype), rng.standard_normal(n).astype(dtype)) for n in (mid, mid, out_chs)
+    ]
+    packed = kernels.pack_linear_weight(expand_weight), kernels.pack_linear_weight(project_weight)
+    return x, depthwise_weight, packed, scale_shifts
+
+
+@given(st.integers(1, 3), st.integers(1, 14), st.integers(1, 14), st.integers(1, 24),
+       st.integers(1, 70) | st.sampled_from([16, 32, 64]), st.integers(1, 40),
+       st.sampled_from([(1, 3), (2, 3), (1, 5), (2, 5)]),
+       st.sampled_from([None, 1, 2, 3]), st.sampled_from(kernels.ACTIVATIONS), st.booleans(), DTYPES,
+       st.integers(0, 2**32 - 1))
+def test_inverted_residual_is_the_three_convs_one_by_one_bit_for_bit(
+    B, H, W, in_chs, mid, out_chs, stride_kernel, tile_rows, act, shortcut, dtype, seed
+):
+    # Tiles of 1-3 output rows make the band keep rows from the tile before (at stride 1 and 2, for 3x3 and 5x5 windows,
+    # at the map's top and bottom edges); mid and out_chs off the GEMM's panel width take the padding paths.
+    stride, kernel = stride_kernel
+    padding = (stride - 1 + kernel - 1) // 2  # timm's symmetric padding
+    shortcut = shortcut and stride == 1
+    out_chs = in_chs if shortcut else out_chs
+    x, depthwise_weight, (expand, project), ((s1, t1), (s2, t2), (s3, t3)) = _inverted_residual_case(
+        np.random.default_rng(seed), B, H, W, in_chs, mid, out_chs, kernel, dtype
+    )
+    expected = kernels.linear(x, expand, t1, act, s1)
+    expected = kernels.depthwise_conv2d(expected, depthwise_weight, stride, padding, s2, t2, "silu")
+    expected = kernels.linear(expected, project, t3, "none", s3, residual=x if shortcut else None)
+    y = kernels.inverted_residual(
+        x, (expand, s1, t1, act), (depthwise_weight, s2, t2, "silu"), (project, s3, t3, "none"), stride, padding,
+        shortcut, tile_rows,
+    )
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("B", "stride", "tile_rows"), [(1, 1, None), (1, 2, 3), (3, 1, 2)])
+def test_inverted_residual_split_between_threads_is_the_three_convs_bit_for_bit(threads, B, stride, tile_rows):
+    # Work enough to be shared out: each thread's run of output rows expands the rows it shares with the run before
+    # again, from the input.
+    before = vitnp.get_num_threads()
+    vitnp.set_num_threads(threads)
+    try:
+        x, depthwise_weight, (expand, project), ((s1, t1), (s2, t2), (s3, t3)) = _inverted_residual_case(
+            np.random.default_rng(stride), B, 33, 40, 32, 128, 32, 3, np.float32
+        )
+        expected = kernels.linear(x, expand, t1, "silu", s1)
+        expected = kernels.depthwise_conv2d(expected, depthwise_weight, stride, 1, s2, t2, "silu")
+        expected = kernels.linear(expected, project, t3, "none", s3, residual=x if stride == 1 else None)
+        y = kernels.inverted_residual(
+            x, (expand, s1, t1, "silu"), (depthwise_weight, s2, t2, "silu"), (project, s3, t3, "none"), stride, 1,
+            stride == 1, tile_rows,
+        )
+    finally:
+        vitnp.set_num_threads(before)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_inverted_residual_rejects_what_does_not_fit():
+    rng = np.random.default_rng(0)
+    x, depthwise_weight, (expand, project), ((s1, t1), (s2, t2), (s3, t3)) = _inverted_residual_case(
+        rng, 1, 6, 5, 8, 32, 16, 3, np.float32
+    )
+
+    def call(x=x, expand=expand, depthwise_weight=depthwise_weight, project=project, stride=1, shortcut=False,
+             tile_rows=None):
+        parts = (expand, s1, t1, "silu"), (depthwise_weight, s2, t2, "silu"), (project, s3, t3, "none")
+        return kernels.inverted_residual(x, *parts, stride, 1, shortcut, tile_rows)
+
+    with pytest.raises(ValueError, match=r"expected an NHWC map \(B, H, W, C\), got shape \(6, 5, 8\)"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="input dtype float64 differs from the expand weight's float32"):
+        call(x=x.astype(np.float64))
+    with pytest.raises(ValueError, match="the expand weight takes 8 channels, not 7"):
+        call(x=np.ascontiguousarray(x[..., :7]))
+    with pytest.raises(ValueError, match="the project weight takes 24 channels, not 32"):
+        call(project=kernels.pack_linear_weight(np.zeros((16, 24), np.float32)))
+    with pytest.raises(ValueError, match=r"depthwise weight float32 \(32, 1, 3, 2\) does not fit 32 float32 channels"):
+        call(depthwise_weight=depthwise_weight[..., :2])
+    with pytest.raises(ValueError, match=r"depthwise weight float32 \(16, 1, 3, 3\) does not fit 32"):
+        call(depthwise_weight=depthwise_weight[:16])
+    with pytest.raises(ValueError, match="a shortcut needs stride 1 and out_chs = in_chs, got 1, 16"):
+        call(shortcut=True)
+    with pytest.raises(ValueError, match="tile_rows must be at least 1, got 0"):
+        call(tile_rows=0)
+    with pytest.raises(ValueError, match="a 5x5 kernel does not fit a 1x1 map padded by 1"):
+        call(x=np.ascontiguousarray(x[:, :1, :1]), depthwise_weight=np.zeros((32, 1, 5, 5), np.float32))
 
 
 # im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d; conv2d: none

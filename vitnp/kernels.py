@@ -1340,7 +1340,7 @@ def _depthwise_3x3_four_pixels(x_flat, taps, scale, shift, act, out_flat, corner
 
 
 @_jit
-def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, first_row, end_row):
+def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, row_padding, out, first_row, end_row):
     # out[b, i, j, c] = act(scale[c] * sum_{u, v} weight[u, v, c] * x[b, i*stride + u - padding, j*stride + v - padding,
     # c] + shift[c]), taps outside the map reading zero padding, for the output rows b * Ho + i in [first, end).
     # The sum runs in tap order (u, v) with fused multiply-adds from zero, in registers: four vectors of channels at a
@@ -1351,7 +1351,9 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
     # two loops over the taps inside, on MobileViT's maps (bit for bit the same sums, tested). At stride 1, with C
     # whole vectors, four pixels side by side whose windows are inside go together (_depthwise_3x3_four_pixels:
     # 0.78-0.84 of the time on MobileViT's stride-1 maps in its forward, one thread; at stride 2 four at a time was
-    # 1.3x slower on the 128x128x128 map, so there the pixels stay one at a time).
+    # 1.3x slower on the 128x128x128 map, so there the pixels stay one at a time). x may be a band of a taller map's
+    # rows (inverted_residual's): the windows of output row i start at x's row i * stride - row_padding, which is
+    # ``padding`` for a whole map; the rows outside x read zero padding.
     _, H, W, C = x.shape
     Ho, Wo = out.shape[1], out.shape[2]
     kh, kw = weight.shape[0], weight.shape[1]
@@ -1363,12 +1365,12 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
     for row in range(first_row, end_row):
         b = row // Ho
         i = row % Ho
-        first_u, end_u = _taps_inside(i, stride, padding, kh, H)
+        first_u, end_u = _taps_inside(i, stride, row_padding, kh, H)
         j = 0
         while j < Wo:
             first_v, end_v = _taps_inside(j, stride, padding, kw, W)
             at = (row * Wo + j) * C
-            corner = ((b * H + i * stride - padding) * W + j * stride - padding) * C  # x[b, i*s - pad, j*s - pad, 0]
+            corner = ((b * H + i * stride - row_padding) * W + j * stride - padding) * C  # x[b, i*s - rpad, j*s - pad]
             # the four 3x3 windows from j on inside the map: the first starts inside, the fourth ends inside
             if four_at_a_time and end_u - first_u == 3 and first_v == 0 and j - padding + 6 <= W:
                 for c in range(0, C, lanes):
@@ -1428,7 +1430,7 @@ def _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, f
 def _depthwise_conv2d_shared(x, weight, scale, shift, act, stride, padding, out, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, out, begin, end)
+        _depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, padding, out, begin, end)
         begin, end = take_chunk(schedule, 0)
 
 
@@ -1458,6 +1460,158 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act
     arguments = (x, taps, scale, shift, activation_code(act), stride, padding, out)
     macs = out.size * (kh * kw + (MACS_PER_VALUE if act != "none" else 1))
     threads.run_shared(_depthwise_conv2d_shared, arguments, B * Ho, macs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MobileViT: the MV2 (inverted residual) block in one pass
+#
+# Expand 1x1 (in -> mid, SiLU), depthwise kxk at the block's stride (SiLU), project 1x1 (mid -> out) plus the
+# shortcut. Run one after the other over whole maps, the expanded map (4 MiB on MobileViT-S's 64x64x256) and the
+# depthwise conv's output go through memory between them. Here each thread computes its range of output rows a tile of
+# a few rows at a time: the input rows the tile's windows cover are expanded into a band that stays in the L2 cache
+# (the rows it shares with the tile before are moved to the band's top, not computed again), the depthwise conv runs on
+# the band, and the projection on its output, adding the shortcut as it writes the tile's rows. Every value comes from
+# the same kernels, in the same order, as from the three convs one by one: the same bits (tested). Measured on one
+# thread, MobileViT-S's seven MV2 blocks at 256x256: 0.62-0.70 of the time of the three convs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _inverted_residual_rows(
+    x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift, depthwise_act,
+    stride, padding, project_panels, project_scale, project_shift, project_act, out_chs, shortcut, out, tile_rows,
+    first_row, end_row,
+):
+    # out[b, i] for the output rows b * Ho + i in [first_row, end_row), tile_rows at a time. x (B, H, W, in); taps
+    # (k, k, padded_mid), depthwise_scale and _shift (padded_mid,), zero taps and scale 1, shift 0 on the expand GEMM's
+    # padding columns; project_panels (mid deep); shortcut the rows of x, or (0, 0): none; out (B, Ho, Wo, padded out).
+    B, H, W, in_chs = x.shape
+    _, Ho, Wo, padded_out = out.shape
+    kernel_size, _, padded_mid = taps.shape
+    mid = project_panels.shape[1]
+    x_rows = x.reshape(B * H * W, in_chs)
+    out_rows = out.reshape(B * Ho * Wo, padded_out)
+    band = np.empty(((tile_rows - 1) * stride + kernel_size) * W * padded_mid, x.dtype)  # (rows, W, padded_mid)
+    tile = np.empty(tile_rows * Wo * padded_mid, x.dtype)  # the depthwise conv's output, (n, Wo, padded_mid)
+    compact = np.empty(tile_rows * Wo * mid if mid < padded_mid else 0, x.dtype)  # it without the padding channels
+    none = np.zeros((0, 0), x.dtype)
+    expand_block = _l2_block_rows(in_chs, x.itemsize)
+    project_block = _l2_block_rows(mid, x.itemsize)
+    image = band_top = band_bottom = -1  # the band holds the expanded input rows [band_top, band_bottom) of image
+    row = first_row
+    while row < end_row:
+        b, i = row // Ho, row % Ho
+        n = min(end_row, (b + 1) * Ho, row + tile_rows) - row  # the tile: output rows i .. i + n - 1 of image b
+        top = max(0, i * stride - padding)  # the input rows their windows cover, inside the map
+        bottom = min(H, (i + n - 1) * stride - padding + kernel_size)
+        kept = 0
+        if image == b and band_top <= top < band_bottom:  # rows the tile before expanded: to the band's top
+            kept = band_bottom - top
+            _copy(band[(top - band_top) * W * padded_mid : (band_bottom - band_top) * W * padded_mid], band)
+        rows = bottom - top
+        expanded = band[: rows * W * padded_mid].reshape(rows * W, padded_mid)
+        _gemm_panels(  # expand 1x1: the band's new rows
+            x_rows[(b * H + top + kept) * W : (b * H + bottom) * W], expand_panels, expand_scale, expand_shift,
+            expand_act, none, expanded[kept * W :], 0, expand_panels.shape[0], expand_block, mid,
+        )
+        image, band_top, band_bottom = b, top, bottom
+        depthwise_out = tile[: n * Wo * padded_mid].reshape(1, n, Wo, padded_mid)
+        _depthwise_conv2d_rows(  # the band's windows of output row i + t start at its row t * stride - row_padding
+            expanded.reshape(1, rows, W, padded_mid), taps, depthwise_scale, depthwise_shift, depthwise_act, stride,
+            padding, top - (i * stride - padding), depthwise_out, 0, n,
+        )
+        projected = depthwise_out.reshape(n * Wo, padded_mid)
+        if mid < padded_mid:  # the projection's input without the padding channels
+            unpadded = compact[: n * Wo * mid].reshape(n * Wo, mid)
+            for pixel in range(n * Wo):
+                _copy(projected[pixel, :mid], unpadded[pixel])
+            projected = unpadded
+        residual = shortcut[row * Wo : (row + n) * Wo] if shortcut.shape[0] else none
+        _gemm_panels(  # project 1x1 (+ shortcut)
+            projected, project_panels, project_scale, project_shift, project_act, residual,
+            out_rows[row * Wo : (row + n) * Wo], 0, project_panels.shape[0], project_block, out_chs,
+        )
+        row += n
+
+
+@_jit
+def _inverted_residual_shared(
+    x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift, depthwise_act,
+    stride, padding, project_panels, project_scale, project_shift, project_act, out_chs, shortcut, out, tile_rows,
+    parts, schedule, job,
+):
+    # The output rows of the batch cut into ``parts`` runs of rows; a chunk of runs is one run of rows, whose first
+    # tile expands the rows it shares with the run before again.
+    rows = out.shape[0] * out.shape[1]
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _inverted_residual_rows(
+            x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift,
+            depthwise_act, stride, padding, project_panels, project_scale, project_shift, project_act, out_chs,
+            shortcut, out, tile_rows, begin * rows // parts, end * rows // parts,
+        )
+        begin, end = take_chunk(schedule, 0)
+
+
+def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortcut=False, tile_rows=None):
+    """MobileViT's MV2 block (timm ``BottleneckBlock``) on an NHWC map (B, H, W, in_chs), in one pass over memory:
+    ``project(depthwise(expand(x))) (+ x)`` as (B, Ho, Wo, out_chs).
+
+    ``expand`` and ``project`` are 1x1 convs as :func:`linear` takes them, ``(packed, scale, shift, act)`` with
+    ``packed`` from :func:`pack_linear_weight` ((mid, in_chs) and (out_chs, mid)); ``depthwise`` is ``(weight, scale,
+    shift, act)`` as :func:`depthwise_conv2d` takes them (weight (mid, 1, k, k)) with ``stride`` and ``padding``; a
+    scale or shift of None is 1 or 0. ``shortcut`` adds x (stride 1, in_chs = out_chs). The same values, bit for bit,
+    as ``linear``, ``depthwise_conv2d`` and ``linear`` with the residual, one after the other. ``tile_rows``, the output
+    rows computed together, defaults to as many as keep their expanded rows in the L2 cache.
+    """
+    (expand_packed, expand_scale, expand_shift, expand_act) = expand
+    (weight, depthwise_scale, depthwise_shift, depthwise_act) = depthwise
+    (project_packed, project_scale, project_shift, project_act) = project
+    if x.ndim != 4:
+        raise ValueError(f"inverted_residual: expected an NHWC map (B, H, W, C), got shape {x.shape}")
+    x = np.ascontiguousarray(x)
+    B, H, W, in_chs = x.shape
+    (expand_panels, mid), (project_panels, out_chs) = expand_packed, project_packed
+    for name, panels, depth in (("expand", expand_panels, in_chs), ("project", project_panels, mid)):
+        if panels.dtype != x.dtype:
+            raise ValueError(f"inverted_residual: input dtype {x.dtype} differs from the {name} weight's "
+                             f"{panels.dtype}")
+        if panels.shape[1] != depth:
+            raise ValueError(f"inverted_residual: the {name} weight takes {panels.shape[1]} channels, not {depth}")
+    square = weight.ndim == 4 and weight.shape[2] == weight.shape[3]
+    if weight.dtype != x.dtype or not square or weight.shape[:2] != (mid, 1):
+        raise ValueError(
+            f"inverted_residual: depthwise weight {weight.dtype} {weight.shape} does not fit {mid} {x.dtype} channels:"
+            f" expected ({mid}, 1, k, k)"
+        )
+    if shortcut and (stride != 1 or out_chs != in_chs):
+        raise ValueError(f"inverted_residual: a shortcut needs stride 1 and out_chs = in_chs, got {stride}, {out_chs}")
+    kernel_size = weight.shape[2]
+    Ho, Wo = _conv_output_size(H, W, kernel_size, kernel_size, stride, padding, "inverted_residual", "map")
+    width = expand_panels.shape[2]
+    padded_mid, padded_out = expand_panels.shape[0] * width, project_panels.shape[0] * width
+    taps = np.zeros((kernel_size, kernel_size, padded_mid), x.dtype)  # (k, k, padded_mid): zero on the padding
+    taps[:, :, :mid] = weight.reshape(mid, kernel_size, kernel_size).transpose(1, 2, 0)
+    out = np.empty((B, Ho, Wo, padded_out), x.dtype)
+    if tile_rows is not None and tile_rows < 1:
+        raise ValueError(f"inverted_residual: tile_rows must be at least 1, got {tile_rows}")
+    if tile_rows is None:  # a tile's band of expanded rows and its depthwise output stay in the L2 cache
+        tile_rows = max(1, _L2_ROWS_BYTES // (x.itemsize * padded_mid * (stride * W + Wo)))
+    parts = min(max(B, threads.get_num_threads()), B * Ho)  # at batch 1 one run of rows a thread
+    arguments = (
+        x, expand_panels, *_padded_scale_shift(padded_mid, mid, expand_scale, expand_shift, x.dtype),
+        activation_code(expand_act), taps, _padded(depthwise_scale, 1.0, padded_mid, mid, x.dtype),
+        _padded(depthwise_shift, 0.0, padded_mid, mid, x.dtype), activation_code(depthwise_act), stride, padding,
+        project_panels, *_padded_scale_shift(padded_out, out_chs, project_scale, project_shift, x.dtype),
+        activation_code(project_act), out_chs, x.reshape(-1, in_chs) if shortcut else np.zeros((0, 0), x.dtype), out,
+        tile_rows, parts,
+    )
+    activations = sum(MACS_PER_VALUE for act in (expand_act, depthwise_act, project_act) if act != "none")
+    macs = B * H * W * mid * in_chs + B * Ho * Wo * mid * (kernel_size**2 + out_chs) + out.size * activations
+    threads.run_shared(_inverted_residual_shared, arguments, parts, macs)
+    if padded_out != out_chs:  # the projection's last panel is cut short: drop its padding columns
+        out = np.ascontiguousarray(out[..., :out_chs])
     return out
 
 

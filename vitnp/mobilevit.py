@@ -168,13 +168,23 @@ class ConvNormAct(Module):
         bn = self.bn
         self.folded = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
+    def parts(self, packed=False):
+        """(weight, scale, shift, act) with act(bn(conv(x))) = act(conv(x, weight) * scale + shift) per output channel:
+        the conv's own weight and the BatchNorm's scale and shift, or after :meth:`fold` the folded weight, no scale
+        (None) and the folded bias. With ``packed`` the weight as ``kernels.linear`` takes it (the conv's packed copy,
+        columns in (kh, kw, C) order)."""
+        if self.folded is None:
+            weight, (scale, shift) = self.conv.weight, self.bn.scale_shift()
+        else:
+            (weight, shift), scale = self.folded, None
+        if packed:
+            weight = packed_weight(self.conv, weight=weight, channels_last=True)
+        return weight, scale, shift, self.bn.act
+
     def __call__(self, x, residual=None):
         """act(bn(conv(x))) + residual (``residual`` optional: a block's shortcut, added as each tile is written)."""
-        if self.folded is None:
-            scale, shift = self.bn.scale_shift()
-            return self.conv(x, scale=scale, shift=shift, act=self.bn.act, residual=residual)  # conv, BatchNorm, act
-        weight, bias = self.folded
-        return self.conv(x, weight, shift=bias, act=self.bn.act, residual=residual)  # the folded conv: bias = shift
+        weight, scale, shift, act = self.parts()
+        return self.conv(x, weight, scale, shift, act, residual)  # conv, BatchNorm, act (+ residual) in one pass
 
 
 class BottleneckBlock(Module):
@@ -193,11 +203,20 @@ class BottleneckBlock(Module):
         self.has_shortcut = stride == 1 and in_chs == out_chs
 
     def __call__(self, x):
-        shortcut = x
-        x = self.conv1_1x1(x)  # (B, H, W, mid)
-        x = self.conv2_kxk(x)  # (B, H / stride, W / stride, mid)
-        residual = shortcut if self.has_shortcut else None
-        return self.conv3_1x1(x, residual=residual)  # (B, H / stride, W / stride, out) (+ shortcut, in its GEMM)
+        # In one pass over memory, a few output rows at a time so that the expanded rows stay in the cache
+        # (kernels.inverted_residual: the same values as the three convs run one after the other over whole maps):
+        #   h = self.conv1_1x1(x)  # (B, H, W, mid): expand, SiLU
+        #   h = self.conv2_kxk(h)  # (B, H / stride, W / stride, mid): depthwise, SiLU
+        #   return self.conv3_1x1(h) + (x if self.has_shortcut else 0)  # (B, H / stride, W / stride, out): project
+        return kernels.inverted_residual(
+            x,
+            expand=self.conv1_1x1.parts(packed=True),
+            depthwise=self.conv2_kxk.parts(),
+            project=self.conv3_1x1.parts(packed=True),
+            stride=self.conv2_kxk.conv.stride,
+            padding=self.conv2_kxk.conv.padding,
+            shortcut=self.has_shortcut,
+        )
 
 
 class MobileVitBlock(Module):
