@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-from vitnp import layers, ops
+import vitnp
+from vitnp import kernels, layers, ops
 
 try:
     import torch
@@ -221,6 +222,61 @@ def test_block_matches_timm(B, N, heads, head_dim, mlp_ratio, qkv_bias, dtype, s
     np.testing.assert_array_equal(x, x_before)  # the in-place activation must not reach the caller's array
     assert y.dtype == dtype
     assert_close(y, expected, "layer")
+    assert_close(block.forward_sequences(x), expected, "layer")  # whole sequences per kernel call (MobileViT's way)
+
+
+@given(
+    st.integers(1, 6), st.integers(1, 70), st.integers(1, 4), st.integers(1, 40), st.sampled_from([1.0, 2.0, 2.5]),
+    st.booleans(), st.sampled_from(kernels.ACTIVATIONS), st.sampled_from([1, 2]), DTYPES, SEEDS,
+)
+def test_block_on_whole_sequences_is_the_block_bit_for_bit(S, N, heads, head_dim, mlp_ratio, qkv_bias, act, n_threads,
+                                                          dtype, seed):
+    # forward_sequences runs the block's kernels on the rows of a chunk of sequences, the chunks shared out between
+    # threads (when the work is big enough: S >= 2 with ~2^23 multiply-adds): the values of each step one by one.
+    C = heads * head_dim
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((S, N, C)).astype(dtype)
+    block = _fill(layers.Block(C, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, eps=1e-5, act=act), rng, dtype)
+    before = vitnp.get_num_threads()
+    vitnp.set_num_threads(n_threads)
+    try:
+        y = block.forward_sequences(x)
+    finally:
+        vitnp.set_num_threads(before)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, block(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("S", "N", "heads", "head_dim"), [(4, 256, 4, 36), (5, 64, 4, 48), (4, 16, 4, 60)])
+def test_block_on_whole_sequences_shared_between_threads_is_the_block_bit_for_bit(S, N, heads, head_dim, dtype):
+    # MobileViT-S's three transformers at batch 1 (and an odd number of sequences), big enough to be shared out
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((S, N, heads * head_dim)).astype(dtype)
+    block = _fill(layers.Block(heads * head_dim, heads, mlp_ratio=2.0, eps=1e-5, act="silu"), rng, dtype)
+    before = vitnp.get_num_threads()
+    vitnp.set_num_threads(2)
+    try:
+        y = block.forward_sequences(x)
+    finally:
+        vitnp.set_num_threads(before)
+    np.testing.assert_array_equal(y, block(x))
+
+
+def test_block_on_whole_sequences_rejects_what_does_not_fit():
+    rng = np.random.default_rng(0)
+    block = _fill(layers.Block(8, 2, mlp_ratio=2.0), rng, np.float32)
+    with pytest.raises(ValueError, match=r"expected sequences \(S, N, dim\), got shape \(3, 8\)"):
+        block.forward_sequences(np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"qkv weight float32 \(24, 8\) does not fit float32 sequences of dim 6"):
+        block.forward_sequences(np.zeros((1, 3, 6), np.float32))
+    with pytest.raises(ValueError, match=r"qkv weight float32 \(24, 8\) does not fit float64 sequences of dim 8"):
+        block.forward_sequences(np.zeros((1, 3, 8)))
+    block = _fill(layers.Block(9, 3), rng, np.float32)
+    parts = [module.parts() for module in (block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc1,
+                                           block.mlp.fc2)]
+    with pytest.raises(ValueError, match="dim 9 is not divisible by num_heads 2"):
+        kernels.transformer_block(np.zeros((1, 3, 9), np.float32), *parts, 2, 0.5, "gelu")
 
 
 def test_attention_rejects_heads_not_dividing_dim():

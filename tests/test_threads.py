@@ -68,22 +68,6 @@ def test_map_batch_runs_one_chunk_per_thread(restore_threads, n_threads, batch, 
         assert len({ident for _, ident, _ in seen}) == len(sizes)  # the calling thread and the helpers, one each
 
 
-def test_map_batch_runs_a_small_forward_whole_on_the_calling_thread(restore_threads):
-    vitnp.set_num_threads(2)
-    seen = []
-
-    def forward(chunk):
-        seen.append((len(chunk), threading.get_ident()))
-        return chunk + 1.0
-
-    x = np.zeros((4, 3), np.float32)
-    np.testing.assert_array_equal(threads.map_batch(forward, x, macs=threads.MIN_MAPPED_MACS - 1), x + 1.0)
-    assert seen == [(4, threading.get_ident())]
-    seen.clear()
-    threads.map_batch(forward, x, macs=threads.MIN_MAPPED_MACS)
-    assert sorted(size for size, _ in seen) == [2, 2]
-
-
 def test_map_batch_runs_on_the_pool_while_another_thread_has_the_helpers(restore_threads):
     vitnp.set_num_threads(2)
     seen = []

@@ -1979,3 +1979,114 @@ def attention(qkv, scale, bias=None, mask=None):
     arguments = (qkv, qkv.dtype.type(scale), bias, mask, out, width)
     threads.run_shared(_attention_shared, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MobileViT: a transformer block over many short sequences, a chunk of sequences at a time
+#
+# MobileViT's transformers run on patch_size^2 sequences an image (4 at batch 1) of 16 to 256 tokens: ops of tens to
+# hundreds of microseconds, too small to share out one by one; run as one chunk of sequences per thread, from Python,
+# the two threads waited on each other for the GIL between ops (stage 4's transformer was no faster on two threads than
+# on one). Here a chunk of whole sequences goes through the whole block in one call that holds no GIL: the same
+# kernels on the same rows as layers.Block's steps, so the same bits (tested).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _linear_rows(x, panels, scale, shift, act, residual, out_features):
+    # linear()'s product of rows x (rows, depth) on this thread alone, as (rows, out_features)
+    rows, depth = x.shape
+    y = np.empty((rows, panels.shape[0] * panels.shape[2]), x.dtype)
+    _gemm_panels(x, panels, scale, shift, act, residual, y, 0, panels.shape[0], _l2_block_rows(depth, x.itemsize),
+                 out_features)
+    if y.shape[1] == out_features:
+        return y
+    unpadded = np.empty((rows, out_features), x.dtype)  # the last panel is cut short: drop its padding columns
+    for r in range(rows):
+        _copy(y[r, :out_features], unpadded[r])
+    return unpadded
+
+
+@_jit
+def _transformer_block_sequences(
+    x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale, proj_shift,
+    norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels, fc2_scale, fc2_shift,
+    heads, attention_scale, out, first, end,
+):
+    # out[s] = layers.Block's forward of sequence x[s] (N, dim) for s in [first, end)
+    _, N, dim = x.shape
+    head_dim = dim // heads
+    sequences = end - first
+    rows = sequences * N
+    none = np.zeros((0, 0), x.dtype)
+    x_rows = x[first:end].reshape(rows, dim)
+    h = np.empty((rows, dim), x.dtype)
+    _layer_norm_rows(x_rows, norm1_weight, norm1_bias, norm1_eps, h)  # norm1(x)
+    qkv = _linear_rows(h, qkv_panels, qkv_scale, qkv_shift, 0, none, 3 * dim)
+    attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
+    no_bias = np.zeros((0, 0, 0), x.dtype)
+    _attention_items(qkv.reshape(sequences, N, 3, heads, head_dim), attention_scale, no_bias, no_bias, attended,
+                     qkv_panels.shape[2], 0, sequences * heads)
+    x_rows = _linear_rows(attended.reshape(rows, dim), proj_panels, proj_scale, proj_shift, 0, x_rows, dim)  # x + attn
+    _layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)
+    hidden = _linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1])  # act(fc1(.))
+    x_rows = _linear_rows(hidden, fc2_panels, fc2_scale, fc2_shift, 0, x_rows, dim)  # x + fc2(.)
+    out_rows = out[first:end].reshape(rows, dim)
+    for r in range(rows):
+        _copy(x_rows[r], out_rows[r])
+
+
+@_jit
+def _transformer_block_shared(
+    x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale, proj_shift,
+    norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels, fc2_scale, fc2_shift,
+    heads, attention_scale, out, schedule, job,
+):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _transformer_block_sequences(
+            x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale,
+            proj_shift, norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels,
+            fc2_scale, fc2_shift, heads, attention_scale, out, begin, end,
+        )
+        begin, end = take_chunk(schedule, 0)
+
+
+def transformer_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads, scale, act):
+    """timm's pre-norm transformer ``Block`` (:class:`vitnp.layers.Block`) on sequences x (S, N, dim), a chunk of whole
+    sequences per call, the chunks shared out between threads: x = x + proj(attention(qkv(norm1(x)))), then x = x +
+    fc2(act(fc1(norm2(x)))). The same bits as the block's ops one by one.
+
+    ``norm1``, ``norm2``: (weight, bias, eps) of the LayerNorms; ``qkv``, ``proj``, ``fc1``, ``fc2``: (packed, bias)
+    of the Linears, packed by :func:`pack_linear_weight` (bias None: none); ``scale`` the attention's (q * scale);
+    ``act`` fc1's activation.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"transformer_block: expected sequences (S, N, dim), got shape {x.shape}")
+    x = np.ascontiguousarray(x)
+    S, N, dim = x.shape
+    if dim % num_heads:
+        raise ValueError(f"transformer_block: dim {dim} is not divisible by num_heads {num_heads}")
+    linears = {}
+    for name, (packed, bias), (depth, out_features) in zip(
+        ("qkv", "proj", "fc1", "fc2"), (qkv, proj, fc1, fc2),
+        ((dim, 3 * dim), (dim, dim), (dim, fc1[0].out_features), (fc1[0].out_features, dim)),
+    ):
+        panels = packed.panels
+        if panels.dtype != x.dtype or panels.shape[1] != depth or packed.out_features != out_features:
+            raise ValueError(
+                f"transformer_block: {name} weight {panels.dtype} ({packed.out_features}, {panels.shape[1]}) does not"
+                f" fit {x.dtype} sequences of dim {dim}: expected ({out_features}, {depth})"
+            )
+        padded_columns = panels.shape[0] * panels.shape[2]
+        linears[name] = (panels, *_padded_scale_shift(padded_columns, out_features, None, bias, x.dtype))
+    out = np.empty_like(x)
+    arguments = (
+        x, *norm1, *linears["qkv"], *linears["proj"], *norm2, *linears["fc1"][:3], activation_code(act),
+        *linears["fc2"], num_heads, x.dtype.type(scale), out,
+    )
+    hidden = fc1[0].out_features
+    values = num_heads * N + hidden + 2 * dim  # a token's softmax, activation and LayerNorm values
+    macs = S * N * (dim * (4 * dim + 2 * hidden) + 2 * N * dim + MACS_PER_VALUE * values)
+    threads.run_shared(_transformer_block_shared, arguments, S, macs)
+    return out

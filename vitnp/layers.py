@@ -50,7 +50,11 @@ class Linear(Module):
     def __call__(self, x, act="none", residual=None):
         """act(x W^T + b) + residual: the activation ('none', 'gelu', 'gelu_tanh', 'silu') and a residual connection's
         add (``residual`` shaped as the output) in the same pass over memory as the product."""
-        return kernels.linear(x, packed_weight(self), self.bias if self.has_bias else None, act, residual=residual)
+        return kernels.linear(x, *self.parts(), act, residual=residual)
+
+    def parts(self):
+        """(packed weight, bias or None), as the kernels take a Linear."""
+        return packed_weight(self), self.bias if self.has_bias else None
 
 
 class LayerNorm(Module):
@@ -63,7 +67,11 @@ class LayerNorm(Module):
         self.eps = eps
 
     def __call__(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return kernels.layer_norm(x, *self.parts())
+
+    def parts(self):
+        """(weight, bias, eps), as the kernels take a LayerNorm."""
+        return self.weight, self.bias, self.eps
 
 
 class PatchEmbed(Module):
@@ -142,6 +150,24 @@ class Block(Module):
     def __call__(self, x):
         x = self.attn(self.norm1(x), residual=x)  # x + attn(norm1(x)): proj adds x to each tile it writes
         return self.mlp(self.norm2(x), residual=x)  # x + mlp(norm2(x)): the add in fc2
+
+    def forward_sequences(self, x):
+        """``self(x)`` for many short sequences x (S, N, C) (MobileViT's): each thread takes whole sequences through
+        the whole block in one kernel call that holds no GIL (``kernels.transformer_block``), instead of each op being
+        shared out between threads or run from Python on a chunk of the sequences. The same bits as ``self(x)``."""
+        attn, mlp = self.attn, self.mlp
+        return kernels.transformer_block(
+            x,
+            norm1=self.norm1.parts(),
+            qkv=attn.qkv.parts(),
+            proj=attn.proj.parts(),
+            norm2=self.norm2.parts(),
+            fc1=mlp.fc1.parts(),
+            fc2=mlp.fc2.parts(),
+            num_heads=attn.num_heads,
+            scale=attn.scale,
+            act=mlp.act,
+        )
 
 
 __all__ = ["Attention", "Block", "Identity", "LayerNorm", "Linear", "Mlp", "PatchEmbed"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, ops, threads
+from . import kernels, ops
 from .layers import Block, LayerNorm, Linear, packed_weight
 from .model import Model, Module
 from .preprocess_config import data_cfg
@@ -253,10 +253,7 @@ class MobileVitBlock(Module):
         x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
         x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
 
-        # the B*P sequences are independent: one chunk of them a thread. Work: ~12 d^2 multiply-adds a token and
-        # layer (qkv, proj and the 2d-wide MLP 8 d^2, attention 2 N d with N up to ~2d here)
-        macs = 12 * x.shape[0] * x.shape[1] * d * d * len(self.transformer_blocks)
-        x = threads.map_batch(self.global_representation, x, macs)
+        x = self.global_representation(x)  # the B*P sequences, each on its own
 
         x = x.reshape(B, p, p, nh, nw, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d): fold
         x = x.reshape(B, new_h, new_w, d)
@@ -267,9 +264,10 @@ class MobileVitBlock(Module):
         return self.conv_fusion((shortcut, x))  # on cat(shortcut, x), (B, H, W, 2C) -> (B, H, W, C)
 
     def global_representation(self, x):
-        """The transformer and its final norm over sequences (S, N, d), each sequence on its own."""
+        """The transformer and its final norm over sequences (S, N, d), each sequence on its own: each block's steps
+        on whole sequences at a time, shared out between threads by sequence (``Block.forward_sequences``)."""
         for block in self.transformer_blocks:
-            x = block(x)
+            x = block.forward_sequences(x)  # block(x)
         return self.norm(x)
 
 

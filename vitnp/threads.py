@@ -5,12 +5,13 @@ Two ways to use 2 cores, each where it pays (figures in benchmarks/README.md):
 - **One image**: the work of each op is cut into chunks that the threads take in turn, inside the Numba kernel and
   without the GIL (:func:`run_shared`): the output columns of every Linear (vitnp's own GEMM,
   :func:`vitnp.kernels.linear`), the (image or window, head) pairs of attention, the rows of LayerNorm, GELU and
-  softmax. Handed over through the GIL, one Python call per chunk, a 1.2 ms GELU took as long on two threads as on
-  one; this way it takes 0.6-0.8 ms.
+  softmax, the runs of output rows of MobileViT's MV2 block, the sequences of its transformer blocks. Handed over
+  through the GIL, one Python call per chunk, a 1.2 ms GELU took as long on two threads as on one; this way it takes
+  0.6-0.8 ms.
 - **A batch**: :func:`map_batch` cuts it into one chunk per thread and runs the whole forward of each chunk on its
   own thread with a single-threaded BLAS (GEMMs, Numba kernels and NumPy all release the GIL). Nothing waits for
   or spins against anything else, and a 2-thread forward of a batch of 8 takes ~25% less time than with the BLAS's
-  own threads. MobileViT's transformers do the same with the sequences of one image (one per pixel of a patch).
+  own threads.
 
 Only NumPy's own OpenBLAS (the wheels bundle it) is controlled; with another BLAS its threads are left alone.
 
@@ -147,12 +148,11 @@ def _thread_pool(threads):
         return _pool[1]
 
 
-def map_batch(forward, x, macs=None):
+def map_batch(forward, x):
     """``forward(x)`` for a batch ``x`` (B, ...), computed as one chunk of the batch per thread, concatenated.
 
     With one thread, or one image, it is ``forward(x)``; called again from inside a chunk (a model run inside another
-    model's forward) it is ``forward(x)`` too, so the pool never waits on itself; and when ``macs``, the work of
-    ``forward(x)`` in multiply-adds, is given and below :data:`MIN_MAPPED_MACS`. ``forward`` must treat the images of
+    model's forward) it is ``forward(x)`` too, so the pool never waits on itself. ``forward`` must treat the images of
     a batch independently (every model forward does) and return an array whose first axis is the batch.
 
     The chunks run on the calling thread and the helpers of :func:`run_shared`, which are spinning or quick to wake
@@ -160,7 +160,7 @@ def map_batch(forward, x, macs=None):
     has the helpers, on a thread pool.
     """
     threads = min(get_num_threads(), len(x))
-    if threads < 2 or getattr(_chunk, "running", False) or (macs is not None and macs < MIN_MAPPED_MACS):
+    if threads < 2 or getattr(_chunk, "running", False):
         return forward(x)
 
     def run_chunk(chunk):
@@ -203,10 +203,6 @@ _SPIN_SECONDS = 0.0005
 # chunks to a helper costs ~25 microseconds here, about this much work on one core.
 MIN_SHARED_MACS = 1 << 23
 _MAX_HELPERS = 255
-# A forward of less work than this runs on the calling thread alone in map_batch (when its caller says how much): its
-# chunks are Python between small kernels, and the threads running them wait for each other's GIL (mobilevit_s on
-# 32x32 images, whose transformers are split this way at 224x224: 5.1 ms a forward alone, 8.3 split).
-MIN_MAPPED_MACS = 1 << 26
 
 
 class _Helpers:
