@@ -268,10 +268,19 @@ def test_block_on_whole_sequences_rejects_what_does_not_fit():
     block = _fill(layers.Block(8, 2, mlp_ratio=2.0), rng, np.float32)
     with pytest.raises(ValueError, match=r"expected sequences \(S, N, dim\), got shape \(3, 8\)"):
         block.forward_sequences(np.zeros((3, 8), np.float32))
-    with pytest.raises(ValueError, match=r"qkv weight float32 \(24, 8\) does not fit float32 sequences of dim 6"):
+    with pytest.raises(ValueError, match=r"norm1 weight \(8,\) and bias \(8,\) do not fit dim 6"):
         block.forward_sequences(np.zeros((1, 3, 6), np.float32))
+    norms = _fill(layers.Block(6, 2), rng, np.float32)
+    parts = [module.parts() for module in (norms.norm1, block.attn.qkv, block.attn.proj, norms.norm2, block.mlp.fc1,
+                                           block.mlp.fc2)]
+    with pytest.raises(ValueError, match=r"qkv weight float32 \(24, 8\) does not fit float32 sequences of dim 6"):
+        kernels.transformer_block(np.zeros((1, 3, 6), np.float32), *parts, 2, 0.5, "gelu")
     with pytest.raises(ValueError, match=r"qkv weight float32 \(24, 8\) does not fit float64 sequences of dim 8"):
         block.forward_sequences(np.zeros((1, 3, 8)))
+    norm1 = (block.norm1.weight[:7], block.norm1.bias[:7], block.norm1.eps)
+    parts = [module.parts() for module in (block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc1, block.mlp.fc2)]
+    with pytest.raises(ValueError, match=r"norm1 weight \(7,\) and bias \(7,\) do not fit dim 8"):
+        kernels.transformer_block(np.zeros((1, 3, 8), np.float32), norm1, *parts, 2, 0.5, "gelu")
     block = _fill(layers.Block(9, 3), rng, np.float32)
     parts = [module.parts() for module in (block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc1,
                                            block.mlp.fc2)]

@@ -2027,8 +2027,8 @@ def _transformer_block_sequences(
     qkv = _linear_rows(h, qkv_panels, qkv_scale, qkv_shift, 0, none, 3 * dim)
     attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
     no_bias = np.zeros((0, 0, 0), x.dtype)
-    _attention_items(qkv.reshape(sequences, N, 3, heads, head_dim), attention_scale, no_bias, no_bias, attended,
-                     qkv_panels.shape[2], 0, sequences * heads)
+    qkv = qkv.reshape(sequences, N, 3, heads, head_dim)  # (sequences, N, 3, heads, head_dim), as Attention's
+    _attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], 0, sequences * heads)
     x_rows = _linear_rows(attended.reshape(rows, dim), proj_panels, proj_scale, proj_shift, 0, x_rows, dim)  # x + attn
     _layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)
     hidden = _linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1])  # act(fc1(.))
@@ -2069,6 +2069,10 @@ def transformer_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads, scale, ac
     S, N, dim = x.shape
     if dim % num_heads:
         raise ValueError(f"transformer_block: dim {dim} is not divisible by num_heads {num_heads}")
+    for name, (weight, bias, _) in (("norm1", norm1), ("norm2", norm2)):
+        if weight.shape != (dim,) or bias.shape != (dim,):
+            raise ValueError(f"transformer_block: {name} weight {weight.shape} and bias {bias.shape} do not fit dim "
+                             f"{dim}")
     linears = {}
     for name, (packed, bias), (depth, out_features) in zip(
         ("qkv", "proj", "fc1", "fc2"), (qkv, proj, fc1, fc2),
@@ -2084,7 +2088,7 @@ def transformer_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads, scale, ac
         linears[name] = (panels, *_padded_scale_shift(padded_columns, out_features, None, bias, x.dtype))
     out = np.empty_like(x)
     arguments = (
-        x, *norm1, *linears["qkv"], *linears["proj"], *norm2, *linears["fc1"][:3], activation_code(act),
+        x, *norm1, *linears["qkv"], *linears["proj"], *norm2, *linears["fc1"], activation_code(act),
         *linears["fc2"], num_heads, x.dtype.type(scale), out,
     )
     hidden = fc1[0].out_features
