@@ -581,6 +581,72 @@ def test_inverted_residual_rejects_what_does_not_fit():
         call(x=np.ascontiguousarray(x[:, :1, :1]), depthwise_weight=np.zeros((32, 1, 5, 5), np.float32))
 
 
+def _winograd_case(rng, B, H, W, maps_channels, O, dtype, integers=False):
+    draw = (lambda shape: rng.integers(-3, 4, shape)) if integers else rng.standard_normal
+    maps = tuple(draw((B, H, W, c)).astype(dtype) for c in maps_channels)
+    C = sum(maps_channels)
+    weight = (draw((O, C, 3, 3)) * (1 if integers else (9 * C) ** -0.5)).astype(dtype)
+    packed = kernels.pack_linear_weight(weight.transpose(0, 2, 3, 1).reshape(O, -1))  # conv2d's (u, v, c) columns
+    return maps if len(maps) > 1 else maps[0], weight, packed
+
+
+CHANNELS = st.lists(st.integers(1, 40) | st.sampled_from([16, 32, 48]), min_size=1, max_size=2)
+
+
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 12), CHANNELS, st.integers(1, 40),
+       st.sampled_from(kernels.ACTIVATIONS), DTYPES, st.integers(0, 2**32 - 1))
+def test_winograd_conv3x3_is_conv2d_to_a_few_ulp(B, H, W, maps_channels, O, act, dtype, seed):
+    # The transforms add and subtract up to nine window values and the weights' halves, rounded once each: the error
+    # is a few ulp of the largest terms, as for a GEMM's reordered sums. Measured on these cases up to ~2e-6 (float32)
+    # and ~4e-15 (float64) of the output's largest value; the tolerance leaves a 10x and 25x margin.
+    rng = np.random.default_rng(seed)
+    maps, weight, packed = _winograd_case(rng, B, H, W, maps_channels, O, dtype)
+    scale, shift = rng.uniform(0.5, 2, O).astype(dtype), rng.standard_normal(O).astype(dtype)
+    expected = kernels.conv2d(maps, packed, 3, 1, 1, shift, act, scale)
+    y = kernels.winograd_conv3x3(maps, kernels.pack_winograd_weight(weight), shift, act, scale)
+    assert y.dtype == dtype and y.shape == expected.shape
+    size = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(y, expected, rtol=0, atol=(2e-5 if dtype == np.float32 else 1e-13) * size)
+
+
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), CHANNELS, st.integers(1, 20), DTYPES,
+       st.integers(0, 2**32 - 1))
+def test_winograd_conv3x3_on_small_integers_is_exact(B, H, W, maps_channels, O, dtype, seed):
+    # Small integers and their halves and quarters, in sums far below 2^24: every step of both convs is exact, so any
+    # wrong coefficient, window offset or edge shows as a difference, not hidden by a tolerance.
+    maps, weight, packed = _winograd_case(np.random.default_rng(seed), B, H, W, maps_channels, O, dtype, True)
+    np.testing.assert_array_equal(kernels.winograd_conv3x3(maps, kernels.pack_winograd_weight(weight)),
+                                  kernels.conv2d(maps, packed, 3, 1, 1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_winograd_conv3x3_split_between_threads_is_exact_on_small_integers(threads):
+    # MobileViT-S's fusion conv at 256x256 (32x32 maps, 96 + 96 channels in, 96 out), shared out between threads
+    before = vitnp.get_num_threads()
+    vitnp.set_num_threads(threads)
+    try:
+        maps, weight, packed = _winograd_case(np.random.default_rng(0), 1, 32, 32, (96, 96), 96, np.float32, True)
+        y = kernels.winograd_conv3x3(maps, kernels.pack_winograd_weight(weight), act="none")
+    finally:
+        vitnp.set_num_threads(before)
+    np.testing.assert_array_equal(y, kernels.conv2d(maps, packed, 3, 1, 1))
+
+
+def test_winograd_conv3x3_rejects_what_does_not_fit():
+    x = np.zeros((1, 4, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"expected a float32 or float64 3x3 conv weight \(out, C, 3, 3\), got "
+                                         r"float32 \(4, 8, 5, 5\)"):
+        kernels.pack_winograd_weight(np.zeros((4, 8, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"the packed weight float32 \(16, 1, 16, 32\) does not fit 17 float32 "
+                                         r"channels"):
+        kernels.winograd_conv3x3(np.zeros((1, 4, 4, 17), np.float32),
+                                 kernels.pack_winograd_weight(np.zeros((4, 8, 3, 3), np.float32)))
+    with pytest.raises(ValueError, match="the packed weight float32 .* does not fit 8 float64 channels"):
+        kernels.winograd_conv3x3(x.astype(np.float64), kernels.pack_winograd_weight(np.zeros((4, 8, 3, 3), np.float32)))
+    with pytest.raises(ValueError, match="expected NHWC maps"):
+        kernels.winograd_conv3x3(x[0], kernels.pack_winograd_weight(np.zeros((4, 8, 3, 3), np.float32)))
+
+
 # im2col: no oracle needed beyond the NumPy windows view, which test_conv holds to torch's conv2d; conv2d: none
 # beyond linear on im2col's matrix.
 

@@ -12,8 +12,9 @@ from .weights import release_mapped_pages
 _packing_lock = threading.Lock()
 
 
-def packed_weight(module, name="weight", weight=None, channels_last=False):
-    """``module``'s parameter ``name`` as a (out, in) matrix packed for :func:`vitnp.kernels.linear`.
+def packed_weight(module, name="weight", weight=None, channels_last=False, winograd=False):
+    """``module``'s parameter ``name`` as a (out, in) matrix packed for :func:`vitnp.kernels.linear`, or with
+    ``winograd`` a 3x3 conv weight transformed and packed for :func:`vitnp.kernels.winograd_conv3x3`.
 
     ``weight`` replaces the parameter by an array made from it (a BatchNorm-folded conv weight). A conv weight (out,
     C, kh, kw) is flattened in torch's (C, kh, kw) order, or in (kh, kw, C) order with ``channels_last`` (the order of
@@ -23,15 +24,19 @@ def packed_weight(module, name="weight", weight=None, channels_last=False):
     it is packed.
     """
     weight = module._parameters[name] if weight is None else weight
-    slot = f"_packed_{name}"
+    slot = f"_packed_{name}" + ("_winograd" if winograd else "")
     cached = module.__dict__.get(slot)
     if cached is None or cached[0] is not weight:
         with _packing_lock:  # a batch's chunks reach a new weight together: pack it once
             cached = module.__dict__.get(slot)
             if cached is None or cached[0] is not weight:
                 weight.flags.writeable = False
-                matrix = weight.transpose(0, 2, 3, 1) if channels_last else weight  # (out, kh, kw, C) or as stored
-                cached = (weight, kernels.pack_linear_weight(matrix.reshape(weight.shape[0], -1)))
+                if winograd:
+                    packed = kernels.pack_winograd_weight(weight)
+                else:
+                    matrix = weight.transpose(0, 2, 3, 1) if channels_last else weight  # (out, kh, kw, C) or as stored
+                    packed = kernels.pack_linear_weight(matrix.reshape(weight.shape[0], -1))
+                cached = (weight, packed)
                 release_mapped_pages(weight)
                 object.__setattr__(module, slot, cached)
     return cached[1]
