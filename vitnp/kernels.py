@@ -312,6 +312,14 @@ def _copy(source, destination):
         destination[c] = source[c]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _copy_leading_columns(source, destination):
+    # destination (rows, n) = source[:, :n] for a 2-D source with its rows padded past n columns
+    n = destination.shape[1]
+    for r in range(destination.shape[0]):
+        _copy(source[r, :n], destination[r])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A kernel's work shared between threads, without the GIL (vitnp.threads starts and wakes the threads)
 #
@@ -1538,8 +1546,7 @@ def _inverted_residual_rows(
         projected = depthwise_out.reshape(n * Wo, padded_mid)
         if mid < padded_mid:  # the projection's input without the padding channels
             unpadded = compact[: n * Wo * mid].reshape(n * Wo, mid)
-            for pixel in range(n * Wo):
-                _copy(projected[pixel, :mid], unpadded[pixel])
+            _copy_leading_columns(projected, unpadded)
             projected = unpadded
         residual = shortcut[row * Wo : (row + n) * Wo] if shortcut.shape[0] else none
         _gemm_panels(  # project 1x1 (+ shortcut)
@@ -1601,6 +1608,8 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
         )
     if shortcut and (stride != 1 or out_chs != in_chs):
         raise ValueError(f"inverted_residual: a shortcut needs stride 1 and out_chs = in_chs, got {stride}, {out_chs}")
+    if tile_rows is not None and tile_rows < 1:
+        raise ValueError(f"inverted_residual: tile_rows must be at least 1, got {tile_rows}")
     kernel_size = weight.shape[2]
     Ho, Wo = _conv_output_size(H, W, kernel_size, kernel_size, stride, padding, "inverted_residual", "map")
     width = expand_panels.shape[2]
@@ -1608,8 +1617,6 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
     taps = np.zeros((kernel_size, kernel_size, padded_mid), x.dtype)  # (k, k, padded_mid): zero on the padding
     taps[:, :, :mid] = weight.reshape(mid, kernel_size, kernel_size).transpose(1, 2, 0)
     out = np.empty((B, Ho, Wo, padded_out), x.dtype)
-    if tile_rows is not None and tile_rows < 1:
-        raise ValueError(f"inverted_residual: tile_rows must be at least 1, got {tile_rows}")
     if tile_rows is None:  # a tile's band of expanded rows and its depthwise output stay in the L2 cache
         tile_rows = max(1, _L2_ROWS_BYTES // (x.itemsize * padded_mid * (stride * W + Wo)))
     parts = min(max(B, threads.get_num_threads()), B * Ho)  # at batch 1 one run of rows a thread
@@ -2016,8 +2023,7 @@ def _linear_rows(x, panels, scale, shift, act, residual, out_features):
     if y.shape[1] == out_features:
         return y
     unpadded = np.empty((rows, out_features), x.dtype)  # the last panel is cut short: drop its padding columns
-    for r in range(rows):
-        _copy(y[r, :out_features], unpadded[r])
+    _copy_leading_columns(y, unpadded)
     return unpadded
 
 
