@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vitnp
-from vitnp import ops
+from vitnp.reference import resample as ops
 from tolerances import assert_close
 
 torch = pytest.importorskip("torch")

@@ -40,7 +40,7 @@ def attention_rollout(model, x, residual=0.5):
     N = tokens.shape[1]
     rollout = np.broadcast_to(np.eye(N), (tokens.shape[0], N, N))
     for block in model.block_list:
-        attn, _ = block.attn.attention_probs(block.norm1(tokens))  # (B, heads, N, N)
+        attn = block.attn.attention_probs(block.norm1(tokens))  # (B, heads, N, N)
         mixed = residual * np.eye(N) + (1 - residual) * attn.mean(axis=1)
         mixed = mixed / mixed.sum(axis=-1, keepdims=True)
         rollout = mixed @ rollout

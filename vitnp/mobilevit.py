@@ -3,10 +3,9 @@
 A conv stem, MobileNetV2 inverted-residual (MV2) blocks, and in stages 2-4 a MobileViT block: local 3x3 conv, 1x1 to
 the transformer width, the map cut into 2x2 patches and a transformer run across the patches once for each of the 4
 pixel positions, folded back, projected and fused with the block input by a 3x3 conv (seed 004). The model takes and
-gives NCHW arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that every conv is a GEMM over the
-channels (``kernels.linear``) or a depthwise kernel whose loops run along contiguous channels, and the unfold to
-patches moves whole channel vectors. The stem reads the NCHW images in place and gives an NHWC map; the blocks
-(``model.stages[s][b]``) take and give NHWC maps.
+gives NCHW arrays, as timm's; inside, the feature maps are NHWC (B, H, W, C), so that a 1x1 conv is a Linear over the
+channels, the unfold to patches moves whole channel vectors, and the transformer's tokens are rows. The stem takes an
+NHWC view of the NCHW images (no copy); the blocks (``model.stages[s][b]``) take and give NHWC maps.
 
 Parameters carry timm's ``state_dict`` names: ``stem.conv / stem.bn``, ``stages.{s}.{b}.conv1_1x1 / conv2_kxk /
 conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm / conv_proj / conv_fusion``
@@ -14,11 +13,11 @@ conv3_1x1`` (MV2), ``stages.{s}.{b}.conv_kxk / conv_1x1 / transformer.{j} / norm
 its running statistics and ``num_batches_tracked`` buffers) and SiLU, except the MV2 projection (no activation) and
 ``conv_1x1`` (bare conv).
 
-BatchNorm runs in eval mode, applied with its activation by the conv before it as each output tile is written:
-act(conv(x) * scale + shift). ``fold_bn=True`` instead folds each BatchNorm into its conv whenever weights are loaded
-or initialised (weights scaled per output channel, the shift becoming a bias), equal to the unfolded path up to
-rounding and no faster now that the BatchNorm costs no pass of its own. The state_dict keeps timm's keys and values
-either way.
+BatchNorm runs in eval mode, as the per-channel affine of its running statistics after the conv, then the activation:
+act(conv(x) * scale + shift) (the fast backend applies both as it writes each output tile). ``fold_bn=True`` instead
+folds each BatchNorm into its conv whenever weights are loaded or initialised (weights scaled per output channel, the
+shift becoming a bias), equal to the unfolded path up to rounding. The state_dict keeps timm's keys and values either
+way.
 """
 
 import operator
@@ -26,8 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, ops
-from .layers import Block, LayerNorm, Linear, packed_weight
+from .layers import Block, LayerNorm, Linear
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -64,6 +62,29 @@ class MobileViTConfig:
     fold_bn: bool = False  # vitnp: fold each BatchNorm into its conv at load time
 
 
+def batch_norm_scale_shift(weight, bias, running_mean, running_var, eps):
+    """BatchNorm in eval mode as the per-channel affine y = x * scale + shift (how torch's CPU kernel applies it).
+
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
+    """
+    scale = weight / np.sqrt(running_var + eps)
+    return scale, bias - running_mean * scale
+
+
+def fold_batch_norm(conv_weight, weight, bias, running_mean, running_var, eps):
+    """A bias-free conv followed by eval BatchNorm, as one conv: returns (folded weight, folded bias).
+
+    BN(conv(x, W)) = conv(x, W) * scale + shift = conv(x, W * scale[o]) + shift, per output channel o, with scale and
+    shift of :func:`batch_norm_scale_shift`. Computed in float64 and rounded once to the weight's dtype, so the
+    folded conv differs from conv-then-BN by rounding only.
+    """
+    scale, shift = batch_norm_scale_shift(
+        *(np.asarray(v, dtype=np.float64) for v in (weight, bias, running_mean, running_var)), eps
+    )
+    folded = np.asarray(conv_weight, dtype=np.float64) * scale[:, None, None, None]
+    return folded.astype(conv_weight.dtype), shift.astype(conv_weight.dtype)
+
+
 def make_divisible(value, divisor=8, round_limit=0.9):
     """timm's ``make_divisible``: ``value`` rounded to the nearest multiple of ``divisor``, never below 90% of it."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
@@ -74,59 +95,37 @@ class Conv2d(Module):
     """``nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)`` on NHWC maps.
 
     Padding is timm's symmetric default ((stride - 1) + (kernel_size - 1)) // 2: 1 for 3x3 (stride 1 or 2), 0 for 1x1.
-    A 1x1 conv is a Linear over the channels (``kernels.linear``), any other conv a Linear over the im2col rows
-    (``kernels.conv2d``: ``kernels.im2col``'s rows a band at a time, on the same GEMM); a depthwise conv (one channel
-    per group, the only grouped conv MobileViT has) is the Numba kernel. Each can end in a per-channel scale and shift
-    and an activation: the BatchNorm and SiLU after it. With ``reads_images`` the conv takes the network's NCHW input
-    images instead of an NHWC map and reads them in place (``kernels.image_conv2d``: the stem); it still gives NHWC.
+    MobileViT's convs are plain (groups 1) or depthwise (groups = in_chs = out_chs).
     """
 
-    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, reads_images=False):
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1):
         super().__init__()
-        self.depthwise = groups == in_chs == out_chs
-        if groups != 1 and not self.depthwise:
+        if groups != 1 and not groups == in_chs == out_chs:
             raise ValueError(f"groups={groups} with in_chs={in_chs}, out_chs={out_chs}: MobileViT's convs are plain "
                              "(groups=1) or depthwise (groups = in_chs = out_chs)")
         self.add_parameter("weight", (out_chs, in_chs // groups, kernel_size, kernel_size), "lecun_normal")
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = ((stride - 1) + (kernel_size - 1)) // 2
-        self.reads_images = reads_images
-        if reads_images and groups != 1:
-            raise ValueError("Conv2d: a conv that reads the input images is a plain one (groups=1)")
+        self.groups = groups
 
     def __call__(self, x, weight=None, scale=None, shift=None, act="none", residual=None):
-        """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs), or
-        (B, in_chs, H, W) images -> (B, Ho, Wo, out_chs) for a conv that ``reads_images``.
+        """act(conv(x) * scale + shift) + residual, per output channel: (B, H, W, in_chs) -> (B, Ho, Wo, out_chs).
 
-        ``x`` may be a tuple of maps, read as their channel concatenation (timm's ``torch.cat`` before the conv) without
-        building it; ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1
-        and 0; ``residual`` (the output's shape; not for a depthwise conv) is added as each output tile is written.
+        ``x`` may be a tuple of maps, read as their channel concatenation (timm's ``torch.cat`` before the conv);
+        ``weight`` replaces the conv's own by a BatchNorm-folded copy of it; scale and shift default to 1 and 0 (a
+        BatchNorm in eval mode after the conv, and its activation); ``residual`` has the output's shape.
         """
         weight = self.weight if weight is None else weight
-        if self.depthwise:
-            if residual is not None or isinstance(x, tuple):
-                raise ValueError("Conv2d: a depthwise conv takes one map and no residual")
-            return kernels.depthwise_conv2d(x, weight, self.stride, self.padding, scale, shift, act)
-        if self.kernel_size == 3 and self.stride == 1 and residual is None and not self.reads_images:
-            # Winograd's F(2x2, 3x3): 4/9 of the multiply-adds; conv2d's values to a few ulp, not bit for bit
-            return kernels.winograd_conv3x3(x, packed_weight(self, weight=weight, winograd=True), shift, act, scale)
-        packed = packed_weight(self, weight=weight, channels_last=True)
-        if self.reads_images:  # (B, in_chs, H, W) images, read in place; no residual (MobileViT's stem has none)
-            if residual is not None or isinstance(x, tuple):
-                raise ValueError("Conv2d: a conv that reads the input images takes one batch of them and no residual")
-            return kernels.image_conv2d(x, packed, self.kernel_size, self.stride, self.padding, shift, act, scale)
-        if self.kernel_size == 1 and self.stride == 1 and not isinstance(x, tuple):
-            return kernels.linear(x, packed, shift, act, scale, residual)  # a 1x1 conv is a Linear over the channels
-        # a Linear over the im2col rows (B, Ho, Wo, k*k*C), columns in (u, v, c) order, a band of rows at a time
-        return kernels.conv2d(x, packed, self.kernel_size, self.stride, self.padding, shift, act, scale, residual)
+        return self.ops.conv2d(x, weight, shift, self.stride, self.padding, self.groups, scale=scale, act=act,
+                               residual=residual)
 
 
 class BatchNormAct2d(Module):
     """timm ``BatchNormAct2d`` in eval mode: act((x - running_mean) / sqrt(running_var + eps) * weight + bias).
 
     Its parameters and buffers; the conv before it applies it (:class:`ConvNormAct`) as the per-channel affine x *
-    scale + shift of :meth:`scale_shift`, then the activation, on each output tile as it is written.
+    scale + shift of :meth:`scale_shift`, then the activation.
     """
 
     def __init__(self, num_features, act="silu", eps=1e-5):
@@ -140,54 +139,50 @@ class BatchNormAct2d(Module):
         self.eps = eps
 
     def scale_shift(self):
-        """(scale, shift) per channel, ``ops.batch_norm_scale_shift`` of the current parameters: computed once and kept
+        """(scale, shift) per channel, :func:`batch_norm_scale_shift` of the current parameters: computed once and kept
         while the four arrays are the same (``load_state_dict`` and ``init_weights`` bring new ones), which are made
-        read-only, so that an in-place change, which the kept values would not see, fails loudly (as for a packed
-        weight, ``layers.packed_weight``). Computing them on every call cost ~5 microseconds, 32 times a forward."""
+        read-only, so that an in-place change, which the kept values would not see, fails loudly."""
         arrays = (self.weight, self.bias, self.running_mean, self.running_var)
         kept = self.__dict__.get("_scale_shift")
         if kept is None or kept[1] != self.eps or not all(map(operator.is_, kept[0], arrays)):
             for array in arrays:
                 array.flags.writeable = False
-            kept = (arrays, self.eps, ops.batch_norm_scale_shift(*arrays, self.eps))
+            kept = (arrays, self.eps, batch_norm_scale_shift(*arrays, self.eps))
             object.__setattr__(self, "_scale_shift", kept)
         return kept[2]
 
 
 class ConvNormAct(Module):
-    """timm ``ConvNormAct``: bias-free conv -> BatchNorm -> activation ('silu' or 'none'), in one pass over memory.
+    """timm ``ConvNormAct``: bias-free conv -> BatchNorm -> activation ('silu' or 'none').
 
     After :meth:`fold` the BatchNorm lives in the conv: conv(x, weight * scale) + shift, then the activation.
     """
 
-    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, act="silu", reads_images=False):
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, act="silu"):
         super().__init__()
-        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, groups, reads_images)
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, groups)
         self.bn = BatchNormAct2d(out_chs, act)
         self.folded = None
 
     def fold(self):
-        """Fold the BatchNorm into the conv, from the current parameters (``ops.fold_batch_norm``)."""
+        """Fold the BatchNorm into the conv, from the current parameters (:func:`fold_batch_norm`)."""
         bn = self.bn
-        self.folded = ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        self.folded = fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
-    def parts(self, packed=False):
+    def parts(self):
         """(weight, scale, shift, act) with act(bn(conv(x))) = act(conv(x, weight) * scale + shift) per output channel:
         the conv's own weight and the BatchNorm's scale and shift, or after :meth:`fold` the folded weight, no scale
-        (None) and the folded bias. With ``packed`` the weight as ``kernels.linear`` takes it (the conv's packed copy,
-        columns in (kh, kw, C) order)."""
+        (None) and the folded bias."""
         if self.folded is None:
             weight, (scale, shift) = self.conv.weight, self.bn.scale_shift()
         else:
             (weight, shift), scale = self.folded, None
-        if packed:
-            weight = packed_weight(self.conv, weight=weight, channels_last=True)
         return weight, scale, shift, self.bn.act
 
     def __call__(self, x, residual=None):
-        """act(bn(conv(x))) + residual (``residual`` optional: a block's shortcut, added as each tile is written)."""
+        """act(bn(conv(x))) + residual (``residual`` optional: a block's shortcut)."""
         weight, scale, shift, act = self.parts()
-        return self.conv(x, weight, scale, shift, act, residual)  # conv, BatchNorm, act (+ residual) in one pass
+        return self.conv(x, weight, scale, shift, act, residual)
 
 
 class BottleneckBlock(Module):
@@ -206,20 +201,8 @@ class BottleneckBlock(Module):
         self.has_shortcut = stride == 1 and in_chs == out_chs
 
     def __call__(self, x):
-        # In one pass over memory, a few output rows at a time so that the expanded rows stay in the cache
-        # (kernels.inverted_residual: the same values as the three convs run one after the other over whole maps):
-        #   h = self.conv1_1x1(x)  # (B, H, W, mid): expand, SiLU
-        #   h = self.conv2_kxk(h)  # (B, H / stride, W / stride, mid): depthwise, SiLU
-        #   return self.conv3_1x1(h) + (x if self.has_shortcut else 0)  # (B, H / stride, W / stride, out): project
-        return kernels.inverted_residual(
-            x,
-            expand=self.conv1_1x1.parts(packed=True),
-            depthwise=self.conv2_kxk.parts(),
-            project=self.conv3_1x1.parts(packed=True),
-            stride=self.conv2_kxk.conv.stride,
-            padding=self.conv2_kxk.conv.padding,
-            shortcut=self.has_shortcut,
-        )
+        # conv3_1x1(conv2_kxk(conv1_1x1(x))) (+ x): (B, H, W, in) -> (B, H / stride, W / stride, out)
+        return self.ops.inverted_residual(x, self.conv1_1x1, self.conv2_kxk, self.conv3_1x1, self.has_shortcut)
 
 
 class MobileVitBlock(Module):
@@ -249,34 +232,24 @@ class MobileVitBlock(Module):
         new_h, new_w = -(-H // p) * p, -(-W // p) * p
         resized = (new_h, new_w) != (H, W)
         if resized:  # timm resizes a map that is not whole patches (padding would need masking in attention)
-            x = _resize_nhwc(x, (new_h, new_w))
+            x = self.ops.resize_bilinear(x, (new_h, new_w))
         nh, nw = new_h // p, new_w // p
         # Unfold: token n = i*nw + j of sequence b*P + ph*p + pw is pixel (i*p + ph, j*p + pw) of image b, so each of
         # the P = p*p sequences of an image holds one pixel position of every patch.
         x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
         x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
 
-        x = self.global_representation(x)  # the B*P sequences, each on its own
+        x = self.ops.transformer_blocks(x, self.transformer_blocks)  # (B*P, N, d): each sequence on its own
+        x = self.norm(x)
 
         x = x.reshape(B, p, p, nh, nw, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d): fold
         x = x.reshape(B, new_h, new_w, d)
         if resized:
-            x = _resize_nhwc(x, (H, W))
+            x = self.ops.resize_bilinear(x, (H, W))
 
         x = self.conv_proj(x)  # (B, H, W, C)
         return self.conv_fusion((shortcut, x))  # on cat(shortcut, x), (B, H, W, 2C) -> (B, H, W, C)
 
-    def global_representation(self, x):
-        """The transformer and its final norm over sequences (S, N, d), each sequence on its own: each block's steps
-        on whole sequences at a time, shared out between threads by sequence (``Block.forward_sequences``)."""
-        for block in self.transformer_blocks:
-            x = block.forward_sequences(x)  # block(x)
-        return self.norm(x)
-
-
-def _resize_nhwc(x, size):
-    """``ops.resize_bilinear`` of an NHWC map: (B, H, W, C) -> (B, size[0], size[1], C)."""
-    return np.ascontiguousarray(ops.resize_bilinear(x.transpose(0, 3, 1, 2), size).transpose(0, 2, 3, 1))
 
 
 class MobileViT(Model):
@@ -320,7 +293,7 @@ class MobileViT(Model):
         self.num_classes = cfg.num_classes
         self.num_features = cfg.num_features
 
-        self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2, reads_images=True)  # NCHW in, NHWC out
+        self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2)
         self.stages = Module()
         self.block_list = []
         in_chs = cfg.stem_chs
@@ -364,7 +337,8 @@ class MobileViT(Model):
 
     def forward_features(self, x):
         """(B, C, H, W) -> (B, num_features, h, w): stem, MV2 and MobileViT blocks, final 1x1 conv."""
-        x = self.stem(self.check_input(x))  # (B, H / 2, W / 2, stem_chs): the blocks work on NHWC maps
+        x = self.check_input(x).transpose(0, 2, 3, 1)  # an NHWC view of the images: the layers work on NHWC maps
+        x = self.stem(x)  # (B, H / 2, W / 2, stem_chs)
         for block in self.block_list:
             x = block(x)
         return _to_nchw(self.final_conv(x))  # (B, num_features, h, w)
@@ -376,7 +350,7 @@ class MobileViT(Model):
         block's output, NCHW); 'final_conv' (forward_features); 'pre_logits' (pooled); 'logits' (with a head).
         """
         trace = {}
-        x = self.stem(self.check_input(x))
+        x = self.stem(self.check_input(x).transpose(0, 2, 3, 1))
         trace["stem"] = _to_nchw(x)
         for s, stage in enumerate(self.stages._modules.values()):
             for b, block in stage._modules.items():

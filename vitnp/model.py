@@ -1,24 +1,37 @@
 """The small module system every vitnp model is built from.
 
 A :class:`Module` holds named parameters (NumPy arrays) and named child modules, so that a model's dotted parameter
-names are exactly the keys of the PyTorch ``state_dict`` it mirrors (timm's names). :class:`Model` adds what a
-whole network needs: input checks, ``state_dict`` / ``load_state_dict(strict=True)`` with errors that name keys,
-seeded random initialisation and a dtype.
+names are exactly the keys of the PyTorch ``state_dict`` it mirrors (timm's names), and runs its forward on the ops of
+its backend (``self.ops``: :mod:`vitnp.reference.ops` or :mod:`vitnp.fast.ops`, the same functions). :class:`Model`
+adds what a whole network needs: input checks, ``state_dict`` / ``load_state_dict(strict=True)`` with errors that name
+keys, seeded random initialisation and a dtype.
 """
 
 import math
 
 import numpy as np
 
-from . import threads
+from .backends import backend_ops, check_backend, default_backend
 
 
 class WeightsError(ValueError):
     """Weights that do not fit a model: missing, unexpected or mis-shaped keys, or unusable values."""
 
 
+class _DefaultOps:
+    """``module.ops`` of a module that :meth:`Module.set_backend` has not reached: the default backend's ops."""
+
+    def __get__(self, module, owner):
+        return backend_ops(default_backend())
+
+
 class Module:
-    """A node of the parameter tree. Parameters and children are found by attribute name, in definition order."""
+    """A node of the parameter tree. Parameters and children are found by attribute name, in definition order.
+
+    ``self.ops`` is the ops module of the module's backend, which its forward calls (``self.ops.linear(x, ...)``).
+    """
+
+    ops = _DefaultOps()  # until set_backend puts the module's own in its __dict__
 
     def __init__(self):
         object.__setattr__(self, "_parameters", {})
@@ -60,6 +73,19 @@ class Module:
         """
         self._buffers[name] = np.zeros(shape, dtype=dtype or np.float32)
         self._buffer_inits[name] = (init, dtype)
+
+    @property
+    def backend(self):
+        """The name of the backend this module runs on: 'fast' or 'reference'."""
+        return self.__dict__.get("_backend") or default_backend()
+
+    def set_backend(self, name):
+        """Run this module and every module below it on backend ``name`` ('fast' or 'reference'); returns self."""
+        ops = backend_ops(check_backend(name))
+        for _, module in self.named_modules():
+            object.__setattr__(module, "_backend", name)
+            object.__setattr__(module, "ops", ops)
+        return self
 
     def named_modules(self, prefix=""):
         yield prefix, self
@@ -131,9 +157,9 @@ class Model(Module):
         self.dtype = np.dtype(dtype)
 
     def __call__(self, x):
-        """Logits (B, num_classes) of a (B, C, H, W) batch; a batch runs as one chunk per thread (:mod:`.threads`)."""
+        """Logits (B, num_classes) of a (B, C, H, W) batch (on the fast backend, one chunk of it per thread)."""
         x = self.check_input(x)
-        return threads.map_batch(lambda chunk: self.forward_head(self.forward_features(chunk)), x)
+        return self.ops.map_batch(lambda chunk: self.forward_head(self.forward_features(chunk)), x)
 
     def check_input(self, x):
         """Return ``x`` as an array of the model's dtype after checking it is a (B, C, H, W) float image batch."""
@@ -183,7 +209,9 @@ class Model(Module):
                 mis_shaped.append(f"{key}: weights {tuple(value.shape)}, model {tuple(current.shape)}")
             else:
                 dtype = self.dtype if np.issubdtype(current.dtype, np.floating) else current.dtype  # int64 buffers stay
-                converted[key] = value if value.dtype == dtype else value.astype(dtype)
+                if value.dtype != dtype or not value.flags.aligned:  # np.savez stores arrays at any offset: NumPy
+                    value = value.astype(dtype)  # multiplies an unaligned one without its BLAS, in another order
+                converted[key] = value
         problems = []
         if strict and missing:
             problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")

@@ -18,16 +18,16 @@ Linears, LayerNorms around the patch embedding, no final norm, ...), so each is 
   bias-free ``to_qkv``, ``transformer.norm``, ``mlp_head`` Linear; with ``num_classes=0`` the model returns every
   token, as ``vit_pytorch`` does. Registry names ``lucidrains_vit_*``.
 
-Every LayerNorm is ``nn.LayerNorm``'s default, eps 1e-5; GELU is the exact (erf) one; attention scales the logits
-after ``q k^T``, as the three sources do.
+Every LayerNorm is ``nn.LayerNorm``'s default, eps 1e-5; GELU is the exact (erf) one. The three sources scale the
+logits after ``q k^T``; vitnp's one attention op scales q before it, as timm does, which moves a float32 logit by at
+most its last bit (exact when head_dim is a power of 4, as 64 is).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, ops
-from .layers import Identity, LayerNorm, Linear, packed_weight
+from .layers import Identity, LayerNorm, Linear
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -45,24 +45,16 @@ def _grid(img_size, patch_size):
     return img_size, (img_size[0] // patch_size, img_size[1] // patch_size)
 
 
-def _heads_attention(q, k, v, num_heads, scale):
-    """softmax(q k^T * scale) v per head for (B, N, heads*head_dim) q, k, v; heads joined again: (B, N, heads*head_dim).
-
-    The three sources compute ``matmul(q, k.transpose(-1, -2)) * scale``: the scale multiplies the logits.
-    """
-    B, N, inner = q.shape
-    head_dim = inner // num_heads
-    q, k, v = (t.reshape(B, N, num_heads, head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, hd)
-    dots = (q @ k.swapaxes(-1, -2)) * scale  # (B, heads, N, N)
-    attn = kernels.softmax(dots, out=dots)
-    out = attn @ v  # (B, heads, N, head_dim)
-    return out.transpose(0, 2, 1, 3).reshape(B, N, inner)
+def _split_heads(t, num_heads):
+    """``rearrange(t, 'b n (h d) -> b h n d')``: (B, N, heads*head_dim) -> (B, heads, N, head_dim)."""
+    B, N, inner = t.shape
+    return t.reshape(B, N, num_heads, inner // num_heads).transpose(0, 2, 1, 3)
 
 
-def _patch_conv(x, conv):
-    """``conv(img).flatten(2).transpose(1, 2)`` for a Conv2d with kernel = stride: (B, C, H, W) -> (B, N, out)."""
-    patches = ops.patchify(x, conv.weight.shape[-1])  # (B, N, C*p*p)
-    return kernels.linear(patches, packed_weight(conv), conv.bias)  # (B, N, out)
+def _join_heads(t):
+    """``rearrange(t, 'b h n d -> b n (h d)')``: (B, heads, N, head_dim) -> (B, N, heads*head_dim)."""
+    B, heads, N, head_dim = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(B, N, heads * head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,12 +80,15 @@ class PreNormViTConfig:
 
 
 class PatchConv(Module):
-    """A Conv2d with kernel = stride = patch_size, weight (out, C, p, p) and bias."""
+    """A Conv2d with kernel = stride = patch_size, weight (out, C, p, p) and bias, its output as tokens."""
 
     def __init__(self, in_chans, out_chans, patch_size):
         super().__init__()
         self.add_parameter("weight", (out_chans, in_chans, patch_size, patch_size), "lecun_normal")
         self.add_parameter("bias", (out_chans,), "zeros")
+
+    def __call__(self, x):
+        return self.ops.patch_embed(x, self.weight, self.bias)  # conv(x).flatten(2).transpose(1, 2): (B, N, out)
 
 
 class PatchAndPosEmbedding(Module):
@@ -108,7 +103,7 @@ class PatchAndPosEmbedding(Module):
         self.add_parameter("pos_embedding", (1, grid_size[0] * grid_size[1] + 1, embed_dim), "trunc_normal")
 
     def __call__(self, img):
-        x = _patch_conv(img, self.patch_embedding)  # (B, N, patch_dim)
+        x = self.patch_embedding(img)  # (B, N, patch_dim)
         x = self.linear(x)  # (B, N, D)
         B, N, D = x.shape
         cls_token = np.broadcast_to(self.cls_token, (B, 1, D))
@@ -138,8 +133,9 @@ class SeparateQKVAttention(Module):
             setattr(self.to_out, "0", Linear(inner_dim, dim))
 
     def __call__(self, x):
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # each (B, N, inner)
-        out = _heads_attention(q, k, v, self.num_heads, self.scale)  # (B, N, inner)
+        q, k, v = (_split_heads(t(x), self.num_heads) for t in (self.to_q, self.to_k, self.to_v))  # (B, heads, N, hd)
+        out = self.ops.scaled_dot_product_attention(q, k, v, self.scale)  # softmax(q k^T * scale) v
+        out = _join_heads(out)  # (B, N, inner)
         return getattr(self.to_out, "0")(out) if self.project_out else out
 
 
@@ -268,7 +264,7 @@ class ConvPatchEmbedding(Module):
         setattr(self.patcher, "0", PatchConv(in_chans, embed_dim, patch_size))
 
     def __call__(self, x):
-        x = _patch_conv(x, getattr(self.patcher, "0"))  # (B, N, D)
+        x = getattr(self.patcher, "0")(x)  # (B, N, D)
         B, N, D = x.shape
         cls_tokens = np.broadcast_to(self.cls_token, (B, 1, D))
         x = np.concatenate([cls_tokens, x], axis=1)  # (B, N + 1, D)
@@ -291,12 +287,11 @@ class MultiheadAttention(Module):
 
     def __call__(self, x):
         B, N, D = x.shape
-        qkv = kernels.linear(x, packed_weight(self, "in_proj_weight"), self.in_proj_bias)
+        qkv = self.ops.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D): q | k | v
         qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        attn = (q * self.head_dim**-0.5) @ k.swapaxes(-2, -1)  # (B, heads, N, N)
-        attn = kernels.softmax(attn, out=attn)
-        x = (attn @ v).transpose(0, 2, 1, 3).reshape(B, N, D)
+        x = self.ops.scaled_dot_product_attention(q, k, v, self.head_dim**-0.5)  # softmax(q k^T * scale) v
+        x = x.transpose(0, 2, 1, 3).reshape(B, N, D)  # heads joined
         return self.out_proj(x)
 
 
@@ -398,8 +393,9 @@ class LucidrainsAttention(Module):
 
     def __call__(self, x):
         x = self.norm(x)
-        q, k, v = np.split(self.to_qkv(x), 3, axis=-1)  # each (B, N, inner)
-        out = _heads_attention(q, k, v, self.num_heads, self.scale)  # (B, N, inner)
+        q, k, v = (_split_heads(t, self.num_heads) for t in np.split(self.to_qkv(x), 3, axis=-1))  # (B, heads, N, hd)
+        out = self.ops.scaled_dot_product_attention(q, k, v, self.scale)  # softmax(q k^T * scale) v
+        out = _join_heads(out)  # (B, N, inner)
         return getattr(self.to_out, "0")(out) if self.project_out else out
 
 
@@ -464,7 +460,7 @@ class LucidrainsViT(Model):
         """``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``: patches with the channel fastest, (B, N, p*p*C)."""
         B, C = x.shape[:2]
         p = self.patch_size
-        patches = ops.patchify(x, p)  # (B, N, C*p*p), ordered (c, p1, p2)
+        patches = self.ops.patchify(x, p)  # (B, N, C*p*p), ordered (c, p1, p2)
         N = patches.shape[1]
         return patches.reshape(B, N, C, p, p).transpose(0, 1, 3, 4, 2).reshape(B, N, p * p * C)
 

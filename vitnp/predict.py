@@ -10,8 +10,8 @@ from importlib import resources
 
 import numpy as np
 
-from . import kernels
 from .preprocess import model_data_config, preprocess_files
+from .reference.ops import softmax
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -50,7 +50,7 @@ def expand_inputs(inputs):
 
 def top_k(logits, k):
     """softmax over classes, then the k most probable per row: (indices (B, k), probabilities (B, k))."""
-    probs = kernels.softmax(np.array(logits, dtype=np.float64))
+    probs = softmax(np.array(logits, dtype=np.float64))
     k = min(k, probs.shape[-1])
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     return order, np.take_along_axis(probs, order, axis=-1)

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 import numpy as np
 
 from . import layouts, mobilevit, notes_vit, swin, vit
+from .backends import check_backend, default_backend
 
 # Each family module holds its own table {name: (architecture kwargs, preprocessing config)}.
 _FAMILIES = [
@@ -47,8 +48,12 @@ def family_tables(family_name):
     return {n: (family, arch) for n, (family, arch, _) in _REGISTRY.items() if family.__name__ == family_name}
 
 
-def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0, **overrides):
+def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0, backend=None, **overrides):
     """Build a registered model; ``weights`` (a path or a state_dict) loads strictly, else seeded random init.
+
+    ``backend`` is 'fast' (the engine) or 'reference' (the readable formulas, :mod:`vitnp.reference`); None takes
+    ``VITNP_BACKEND``, else 'fast'. The model runs its forward on that backend's ops (``model.backend`` says which;
+    ``model.set_backend`` changes it).
 
     ``overrides`` are timm's constructor keyword arguments (img_size, patch_size, in_chans, embed_dim, depth,
     num_heads, mlp_ratio, qkv_bias, class_token, global_pool, fc_norm, representation_size).
@@ -59,6 +64,7 @@ def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0,
     ``overrides`` still win.
     """
     family, arch, data_cfg = _lookup(name)
+    backend = check_backend(backend) if backend is not None else default_backend()
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -74,7 +80,7 @@ def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0,
     args = {**arch, **from_checkpoint, **overrides}
     if num_classes is not None:
         args["num_classes"] = num_classes
-    model = family(replace(family.Config(), **args))
+    model = family(replace(family.Config(), **args)).set_backend(backend)
     if checkpoint is None:
         model.init_weights(seed=seed, dtype=dtype)
     else:

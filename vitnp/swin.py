@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, layers, ops
+from . import layers
 from .layers import Identity, LayerNorm, Linear, Mlp
 from .model import Model, Module
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, data_cfg
+from .reference.ops import window_partition
 
 MASK_VALUE = -100.0  # timm, the original Swin, torchvision and HF all mask across regions with -100, not -inf
 
@@ -75,7 +76,7 @@ def shifted_window_mask(resolution, window_size, shift_size):
             label[part] = region
         labels.append(label)
     img_mask = labels[0][:, None] * 3 + labels[1][None, :]  # (Hp, Wp) region ids
-    mask_windows = ops.window_partition(img_mask[None, :, :, None], window_size)[:, :, 0]  # (nW, N)
+    mask_windows = window_partition(img_mask[None, :, :, None], window_size)[:, :, 0]  # (nW, N)
     different = mask_windows[:, None, :] != mask_windows[:, :, None]  # (nW, N, N)
     return np.where(different, MASK_VALUE, 0.0).astype(np.float32)  # 0 and -100 are exact in float32 and float64
 
@@ -111,10 +112,11 @@ class WindowAttention(Module):
         """(B*nW, N, C) windows -> (B*nW, N, C); ``mask`` (nW, N, N) is added per window of every image."""
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)
-        # softmax((q * scale) @ k^T + relative_position_bias + mask) @ v per window and head; window w of an image
-        # takes window w % nW of the mask: (B*nW, N, heads, head_dim)
-        x = kernels.attention(qkv, self.scale, self.relative_position_bias(), mask)
-        return self.proj(x.reshape(B_, N, C))
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nW, heads, N, head_dim)
+        # softmax(q k^T * scale + relative_position_bias + mask) v; window w of each image takes mask[w]
+        x = self.ops.scaled_dot_product_attention(q, k, v, self.scale, self.relative_position_bias(), mask)
+        x = x.transpose(0, 2, 1, 3).reshape(B_, N, C)  # heads joined: (B*nW, N, C)
+        return self.proj(x)
 
 
 class SwinTransformerBlock(Module):
@@ -144,11 +146,11 @@ class SwinTransformerBlock(Module):
         shortcut = x
         x = self.norm1(x)
         shift_h, shift_w = self.shift_size
-        # cyclic shift (SW-MSA), pad to whole windows, partition: one pass
-        x_windows = kernels.window_partition(x, self.window_size, shift=(-shift_h, -shift_w))  # (B*nW, wh*ww, C)
+        # cyclic shift (SW-MSA), pad to whole windows, partition
+        x_windows = self.ops.window_partition(x, self.window_size, shift=(-shift_h, -shift_w))  # (B*nW, wh*ww, C)
         attn_windows = self.attn(x_windows, mask=self.attn_mask)  # (B*nW, wh*ww, C)
-        # merge windows, drop the padding, reverse cyclic shift, add the shortcut: one pass
-        x = kernels.window_reverse(attn_windows, self.window_size, H, W, shift=(shift_h, shift_w), residual=shortcut)
+        # merge windows, drop the padding, reverse cyclic shift, add the shortcut
+        x = self.ops.window_reverse(attn_windows, self.window_size, H, W, shift=(shift_h, shift_w), residual=shortcut)
         x = x.reshape(B, H * W, C)
         x = self.mlp(self.norm2(x), residual=x)  # x + mlp(norm2(x)): the add in fc2
         return x.reshape(B, H, W, C)

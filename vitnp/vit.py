@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
 from .layers import Block, Identity, LayerNorm, Linear, PatchEmbed
 from .model import Model, Module
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, data_cfg
+from .reference.resample import POS_EMBED_RESAMPLERS, resample_pos_embed
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax")
 
@@ -37,7 +37,7 @@ class ViTConfig:
     distilled: bool = False  # DeiT: a distillation token and a second head, outputs averaged at inference
     norm_eps: float = 1e-6
     act: str = "gelu"
-    pos_embed_resample: str = "timm"  # resampler for other input sizes: 'timm', 'dino' or 'hf' (ops.resample_pos_embed)
+    pos_embed_resample: str = "timm"  # resampler for other input sizes: 'timm', 'dino' or 'hf' (resample_pos_embed)
     dynamic_img_size: bool = True  # any image size, pos_embed resampled; False: only img_size (timm's default)
 
 
@@ -59,9 +59,9 @@ class VisionTransformer(Model):
             raise ValueError("global_pool='token' needs class_token=True")
         if cfg.distilled and (cfg.global_pool != "token" or not cfg.class_token):
             raise ValueError("a distilled (DeiT) model pools its class and distillation tokens: global_pool='token'")
-        if cfg.pos_embed_resample not in ops.POS_EMBED_RESAMPLERS:
+        if cfg.pos_embed_resample not in POS_EMBED_RESAMPLERS:
             raise ValueError(
-                f"pos_embed_resample must be one of {ops.POS_EMBED_RESAMPLERS}, got {cfg.pos_embed_resample!r}"
+                f"pos_embed_resample must be one of {POS_EMBED_RESAMPLERS}, got {cfg.pos_embed_resample!r}"
             )
         if cfg.distilled and cfg.representation_size:
             raise ValueError("a distilled (DeiT) model has no representation (pre-logits) layer: drop representation_size")
@@ -126,7 +126,7 @@ class VisionTransformer(Model):
         prefix, patches = self.pos_embed[:, : self.num_prefix_tokens], self.pos_embed[0, self.num_prefix_tokens :]
         D = patches.shape[-1]
         patches = patches.T.reshape(D, *self.grid_size)  # (D, gh, gw)
-        patches = ops.resample_pos_embed(patches, grid, method)  # (D, gh', gw')
+        patches = resample_pos_embed(patches, grid, method)  # (D, gh', gw')
         return np.concatenate([prefix, patches.reshape(D, -1).T[None]], axis=1)  # (1, prefix + gh'*gw', D)
 
     def prepare_tokens(self, x):
@@ -183,7 +183,7 @@ class VisionTransformer(Model):
         if self.use_fc_norm:
             x = self.fc_norm(x)
         if self.cfg.representation_size:
-            x = ops.tanh(self.pre_logits.fc(x))
+            x = self.ops.tanh(self.pre_logits.fc(x))
         if pre_logits or not self.num_classes:
             return x
         return self.head(x)
@@ -200,8 +200,7 @@ class VisionTransformer(Model):
         *first, last = self.block_list
         for block in first:
             x = block(x)
-        attn, _ = last.attn.attention_probs(last.norm1(x))  # (B, heads, N, N)
-        return attn
+        return last.attn.attention_probs(last.norm1(x))  # (B, heads, N, N)
 
     def get_intermediate_layers(self, x, n=1):
         """DINO's ``get_intermediate_layers``: the outputs of the last ``n`` blocks, each through the final norm,

@@ -215,7 +215,7 @@ def _safetensors_tensor(path, name, info, mapped, data_start):
 def release_mapped_pages(array):
     """Drop this process's resident pages of the file mapping ``array`` views, if it views one (else nothing).
 
-    For a weight that has been repacked (:func:`vitnp.kernels.pack_linear_weight`): the forward reads only the packed
+    For a weight that has been repacked (:func:`vitnp.fast.ops.packed`): the forward reads only the packed
     copy, so the mapped pages would only double the resident memory. The mapping stays valid; a later read of
     ``array`` (``state_dict()``, saving) pages the data back in from the file.
     """

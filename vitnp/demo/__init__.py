@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import kernels
 from ..model import count_params
 from ..preprocess import load_image, normalize
 from ..registry import create_model
@@ -91,7 +90,7 @@ def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR):
     labels = np.array([sample_label(path) for path in paths])
     x = load_samples(paths, model.data_config)
     first_call, batch_seconds, logits = classify(model, x)
-    probabilities = kernels.softmax(logits)
+    probabilities = model.ops.softmax(logits)
     predictions = logits.argmax(axis=1)
     correct = predictions == labels
     result = DemoResult(

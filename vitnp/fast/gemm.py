@@ -1,0 +1,342 @@
+"""Linear: y = act((x W^T) * scale + b) + residual, a GEMM on weights packed once.
+
+NumPy's BLAS packs the weight matrix again on every call and splits a product of a few hundred rows poorly across
+threads. Here each weight matrix is packed once into panels of two vectors' worth of output columns, the panel's
+weights for one k side by side, and a register-blocked micro-kernel computes a tile of 6 rows x 1 panel of y: for every
+k it loads the panel's two weight vectors, broadcasts the 6 inputs x[i, k] in turn and accumulates their products in
+12 vector registers with fused multiply-adds, from zero, in k order. The accumulators stay in registers over the whole
+depth and are stored once, after one more fused multiply-add each, acc * scale + bias (scale 1 for a Linear; a
+BatchNorm's scale for a conv), then the activation and the residual's add, still in the registers (fc1 + GELU, or fc2
++ the block's shortcut, in one pass over memory). The panels are shared out between threads; inside a chunk of a batch
+split across threads the product is serial. Blocking k as well (the panel's block in L1) was slower: the partial
+sums' extra passes cost more than they save.
+"""
+
+import functools
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from .pool import MACS_PER_VALUE, run_shared
+from .rows import as_rows
+from .schedule import take_chunk
+from .vecmath import (
+    IN_REGISTERS,
+    VECTOR_BYTES,
+    activate,
+    activation_code,
+    copy_leading_columns,
+    fma,
+    jit,
+    vactivate,
+    vadd,
+    vbroadcast,
+    vload,
+    vstore,
+    vzeros,
+)
+
+L2_ROWS_BYTES = 1 << 19  # a block of rows of x that stays in the L2 cache (512 KiB; measured against 256 KiB, 1 MiB)
+_FEW_PANELS = 16  # a product of fewer panels is shared out by blocks of rows too (measured: 6 panels 0.89 of the time,
+# 24 and 48 panels 1.07 and 1.20: there each thread's panels reuse the rows better)
+
+
+def panel_width(dtype):
+    """Output columns per GEMM panel: two vectors' worth of ``dtype`` lanes."""
+    return 2 * (VECTOR_BYTES // np.dtype(dtype).itemsize)
+
+
+@numba.njit(cache=True, inline="always")
+def l2_block_rows(depth, itemsize):
+    """Rows of a (rows, depth) GEMM input per block that stays in the L2 cache, a multiple of the 6-row tile."""
+    return max(6, L2_ROWS_BYTES // (depth * itemsize) // 6 * 6)
+
+@jit
+def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_panel, block_rows, n_columns):
+    # y[:, panel columns] = act((x @ W[panel columns]^T) * scale + shift) + residual for the panels in [first_panel,
+    # end_panel). x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p *
+    # width + c, k], zero past the last of W's n_columns columns (a panel that is half padding is computed on its first
+    # vector alone: measured 0.90-0.94 of the time on MobileViT's 144-column and head_dim-36 products, ViT's attention
+    # with its 197 keys); scale, shift and the rows of y padded to n_panels * width columns; act an index into
+    # ACTIVATIONS; residual (rows, out_features), or (0, 0): none. The rows go in blocks of block_rows that stay in the
+    # L2 cache while the panels pass over them. SiLU, GELU and the residual's add are applied to the tile in its
+    # registers; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue. (Measured,
+    # one thread: the residual's add on MobileViT's and Swin's proj / fc2 shapes took 1.3-2.5 ns per value through the
+    # tile in memory, 0.6-1.1 in the registers.)
+    rows, depth = x.shape
+    width = panels.shape[2]
+    lanes = width // 2
+    padded_columns = y.shape[1]
+    x_flat = x.reshape(-1)
+    weights = panels.reshape(-1)
+    y_flat = y.reshape(-1)
+    tile = np.empty(6 * width, y.dtype)  # scratch for _tile_epilogue
+    tile_act = 0 if act in IN_REGISTERS else act  # SiLU, GELU on the tile's registers, gelu_tanh on its memory
+    out_features = residual.shape[1]
+    residual_flat = residual.reshape(-1)
+    for block in range(0, rows, block_rows):
+        for p in range(first_panel, end_panel):
+            column = p * width
+            scale0 = vload(scale, column)
+            scale1 = vload(scale, column + lanes)
+            shift0 = vload(shift, column)
+            shift1 = vload(shift, column + lanes)
+            residual_in_registers = residual.shape[0] > 0 and tile_act == 0 and column + width <= out_features
+            for i in range(block, min(block + block_rows, rows), 6):
+                # Where the tile's 6 rows of x start; past the last row, the last row again (computed, not stored).
+                x0 = i * depth
+                x1 = min(i + 1, rows - 1) * depth
+                x2 = min(i + 2, rows - 1) * depth
+                x3 = min(i + 3, rows - 1) * depth
+                x4 = min(i + 4, rows - 1) * depth
+                x5 = min(i + 5, rows - 1) * depth
+                acc00 = acc10 = acc20 = acc30 = acc40 = acc50 = vzeros(y)  # acc<r><h>: row i + r, half h of the panel
+                acc01 = acc11 = acc21 = acc31 = acc41 = acc51 = vzeros(y)
+                w = p * depth * width
+                if column + lanes < n_columns:  # both vectors of the panel hold output columns
+                    for k in range(depth):
+                        w0 = vload(weights, w)  # W[column : column + lanes, k]
+                        w1 = vload(weights, w + lanes)  # W[column + lanes : column + width, k]
+                        w += width
+                        a = vbroadcast(x_flat, x0 + k)
+                        acc00 = fma(a, w0, acc00)
+                        acc01 = fma(a, w1, acc01)
+                        a = vbroadcast(x_flat, x1 + k)
+                        acc10 = fma(a, w0, acc10)
+                        acc11 = fma(a, w1, acc11)
+                        a = vbroadcast(x_flat, x2 + k)
+                        acc20 = fma(a, w0, acc20)
+                        acc21 = fma(a, w1, acc21)
+                        a = vbroadcast(x_flat, x3 + k)
+                        acc30 = fma(a, w0, acc30)
+                        acc31 = fma(a, w1, acc31)
+                        a = vbroadcast(x_flat, x4 + k)
+                        acc40 = fma(a, w0, acc40)
+                        acc41 = fma(a, w1, acc41)
+                        a = vbroadcast(x_flat, x5 + k)
+                        acc50 = fma(a, w0, acc50)
+                        acc51 = fma(a, w1, acc51)
+                else:  # the panel's second vector is all padding: its accumulators stay zero
+                    for k in range(depth):
+                        w0 = vload(weights, w)
+                        w += width
+                        acc00 = fma(vbroadcast(x_flat, x0 + k), w0, acc00)
+                        acc10 = fma(vbroadcast(x_flat, x1 + k), w0, acc10)
+                        acc20 = fma(vbroadcast(x_flat, x2 + k), w0, acc20)
+                        acc30 = fma(vbroadcast(x_flat, x3 + k), w0, acc30)
+                        acc40 = fma(vbroadcast(x_flat, x4 + k), w0, acc40)
+                        acc50 = fma(vbroadcast(x_flat, x5 + k), w0, acc50)
+                acc00, acc01 = fma(acc00, scale0, shift0), fma(acc01, scale1, shift1)
+                acc10, acc11 = fma(acc10, scale0, shift0), fma(acc11, scale1, shift1)
+                acc20, acc21 = fma(acc20, scale0, shift0), fma(acc21, scale1, shift1)
+                acc30, acc31 = fma(acc30, scale0, shift0), fma(acc31, scale1, shift1)
+                acc40, acc41 = fma(acc40, scale0, shift0), fma(acc41, scale1, shift1)
+                acc50, acc51 = fma(acc50, scale0, shift0), fma(acc51, scale1, shift1)
+                if act in IN_REGISTERS:
+                    acc00, acc01 = vactivate(acc00, act), vactivate(acc01, act)
+                    acc10, acc11 = vactivate(acc10, act), vactivate(acc11, act)
+                    acc20, acc21 = vactivate(acc20, act), vactivate(acc21, act)
+                    acc30, acc31 = vactivate(acc30, act), vactivate(acc31, act)
+                    acc40, acc41 = vactivate(acc40, act), vactivate(acc41, act)
+                    acc50, acc51 = vactivate(acc50, act), vactivate(acc51, act)
+                if residual_in_registers:  # rows past the last are the last row again, as for x
+                    r0 = i * out_features + column
+                    r1 = min(i + 1, rows - 1) * out_features + column
+                    r2 = min(i + 2, rows - 1) * out_features + column
+                    r3 = min(i + 3, rows - 1) * out_features + column
+                    r4 = min(i + 4, rows - 1) * out_features + column
+                    r5 = min(i + 5, rows - 1) * out_features + column
+                    acc00 = vadd(acc00, vload(residual_flat, r0))
+                    acc01 = vadd(acc01, vload(residual_flat, r0 + lanes))
+                    acc10 = vadd(acc10, vload(residual_flat, r1))
+                    acc11 = vadd(acc11, vload(residual_flat, r1 + lanes))
+                    acc20 = vadd(acc20, vload(residual_flat, r2))
+                    acc21 = vadd(acc21, vload(residual_flat, r2 + lanes))
+                    acc30 = vadd(acc30, vload(residual_flat, r3))
+                    acc31 = vadd(acc31, vload(residual_flat, r3 + lanes))
+                    acc40 = vadd(acc40, vload(residual_flat, r4))
+                    acc41 = vadd(acc41, vload(residual_flat, r4 + lanes))
+                    acc50 = vadd(acc50, vload(residual_flat, r5))
+                    acc51 = vadd(acc51, vload(residual_flat, r5 + lanes))
+                at = i * padded_columns + column
+                vstore(y_flat, at, acc00)
+                vstore(y_flat, at + lanes, acc01)
+                if i + 1 < rows:
+                    vstore(y_flat, at + padded_columns, acc10)
+                    vstore(y_flat, at + padded_columns + lanes, acc11)
+                if i + 2 < rows:
+                    vstore(y_flat, at + 2 * padded_columns, acc20)
+                    vstore(y_flat, at + 2 * padded_columns + lanes, acc21)
+                if i + 3 < rows:
+                    vstore(y_flat, at + 3 * padded_columns, acc30)
+                    vstore(y_flat, at + 3 * padded_columns + lanes, acc31)
+                if i + 4 < rows:
+                    vstore(y_flat, at + 4 * padded_columns, acc40)
+                    vstore(y_flat, at + 4 * padded_columns + lanes, acc41)
+                if i + 5 < rows:
+                    vstore(y_flat, at + 5 * padded_columns, acc50)
+                    vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
+                if tile_act or (residual.shape[0] and not residual_in_registers):
+                    tile_rows = min(6, rows - i)
+                    _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, tile_act, tile, residual, i, column)
+
+
+@jit
+def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, residual, i, column):
+    # The activation (gelu_tanh: SiLU and GELU are applied in the tile's registers) and the residual add after it
+    # (or on the cut-short last panel) of gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it
+    # is in the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined
+    # there, it cost the plain product 6-13%). The activation runs on a contiguous copy of the tile, where its loop
+    # vectorises (over a 16-column run of y it would not); then the residual (rows, out_features) is added.
+    lanes = width // 2
+    if act:
+        for r in range(tile_rows):
+            vstore(tile, r * width, vload(y_flat, at + r * padded_columns))
+            vstore(tile, r * width + lanes, vload(y_flat, at + r * padded_columns + lanes))
+        activate(tile[: tile_rows * width], act)
+        for r in range(tile_rows):
+            vstore(y_flat, at + r * padded_columns, vload(tile, r * width))
+            vstore(y_flat, at + r * padded_columns + lanes, vload(tile, r * width + lanes))
+    if residual.shape[0]:
+        out_features = residual.shape[1]
+        residual_flat = residual.reshape(-1)
+        for r in range(tile_rows):
+            row_at = at + r * padded_columns
+            residual_at = (i + r) * out_features + column
+            if column + width <= out_features:
+                y0 = vadd(vload(y_flat, row_at), vload(residual_flat, residual_at))
+                y1 = vadd(vload(y_flat, row_at + lanes), vload(residual_flat, residual_at + lanes))
+                vstore(y_flat, row_at, y0)
+                vstore(y_flat, row_at + lanes, y1)
+            else:  # the cut-short last panel
+                for c in range(out_features - column):
+                    y_flat[row_at + c] += residual_flat[residual_at + c]
+
+
+@jit
+def _gemm_shared(x, panels, scale, shift, act, residual, y, block_rows, item_rows, n_columns, schedule, job):
+    # The items shared out are (item_rows rows, panel) pairs, row group by row group: a chunk is a run of panels over
+    # one group of rows or more. item_rows is all the rows, or (for a product with few panels) an L2 block of them.
+    n_panels = panels.shape[0]
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        for group in range(begin // n_panels, (end - 1) // n_panels + 1):
+            first_panel = max(begin - group * n_panels, 0)
+            end_panel = min(end - group * n_panels, n_panels)
+            top, bottom = group * item_rows, min((group + 1) * item_rows, x.shape[0])
+            group_residual = residual[top:bottom] if residual.shape[0] else residual
+            gemm_panels(
+                x[top:bottom], panels, scale, shift, act, group_residual, y[top:bottom], first_panel, end_panel,
+                block_rows, n_columns,
+            )
+        begin, end = take_chunk(schedule, 0)
+
+
+class PackedWeight(NamedTuple):
+    """A Linear weight (out, in) in the panel layout :func:`linear` reads, made by :func:`pack_linear_weight`."""
+
+    panels: np.ndarray  # (n_panels, in_features, width): panels[p, k, c] = W[p * width + c, k], 0 past the last row
+    out_features: int
+
+
+def pack_linear_weight(weight):
+    """Pack a Linear weight (out_features, in_features) of dtype float32 or float64 for :func:`linear`."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or weight.dtype not in (np.float32, np.float64):
+        raise ValueError(f"expected a float32 or float64 weight of shape (out, in), got {weight.dtype} {weight.shape}")
+    out_features, in_features = weight.shape
+    width = panel_width(weight.dtype)
+    n_panels = -(-out_features // width)
+    padded = np.zeros((n_panels * width, in_features), weight.dtype)
+    padded[:out_features] = weight
+    panels = padded.reshape(n_panels, width, in_features).transpose(0, 2, 1)  # (n_panels, in, width) view
+    return PackedWeight(np.ascontiguousarray(panels), out_features)
+
+
+def padded_scale_shift(padded_columns, out_features, scale, bias, dtype):
+    """A GEMM's per-column scale and shift padded to whole panels: (1 or ``scale``, 0 or ``bias``) then (1, 0)."""
+    padded_scale = padded_vector(scale, 1.0, padded_columns, out_features, dtype)
+    return padded_scale, padded_vector(bias, 0.0, padded_columns, out_features, dtype)
+
+
+def padded_vector(values, fill, padded_columns, out_features, dtype):
+    # ``values`` (out_features,) then ``fill`` up to padded_columns, or ``fill`` throughout for None. The kernels only
+    # read them: a constant vector is made once, and a given one that needs no padding is used as it is when it is a
+    # contiguous, writable array of ``dtype`` (a read-only one would make Numba compile the kernels again, for
+    # read-only arrays). Copying them on every call cost ~1.7 microseconds a GEMM.
+    if values is None:
+        return constant_vector(fill, padded_columns, np.dtype(dtype))
+    values = np.asarray(values)
+    flags = values.flags
+    if out_features == padded_columns and values.dtype == dtype and flags.c_contiguous and flags.writeable:
+        return values
+    padded = np.full(padded_columns, fill, dtype)
+    padded[:out_features] = values
+    return padded
+
+
+@functools.lru_cache(maxsize=256)
+def constant_vector(fill, length, dtype):
+    return np.full(length, fill, dtype)
+
+
+def residual_rows(residual, shape, dtype, name):
+    """A GEMM's residual as rows (rows, out_features), checked against the output's ``shape``; (0, 0) for none."""
+    if residual is None:
+        return np.zeros((0, 0), dtype)
+    if residual.shape != shape or residual.dtype != dtype:
+        got = f"{residual.shape} {residual.dtype}"
+        raise ValueError(f"{name}: residual must be {shape} {dtype} like the output, got {got}")
+    return as_rows(residual)
+
+
+def linear(x, packed, bias=None, act="none", scale=None, residual=None):
+    """``torch.nn.functional.linear(x, W, bias)`` = x W^T + b over the last axis, with W packed by
+    :func:`pack_linear_weight`; then, optionally, a per-output scale, an activation and a residual connection's add:
+    act((x W^T) * scale + bias) + residual.
+
+    Each output is one chain of fused multiply-adds in k order, then scaled and shifted by one more. ``act`` (one of
+    ``ACTIVATIONS``) and the add of ``residual`` (the output's shape) are applied to each tile of the output while it
+    is in the L1 cache (a Linear then GELU / SiLU, or a block's last Linear and its residual add, in one pass over
+    memory); ``scale`` and ``bias`` (out_features,) carry an eval-mode BatchNorm after a bias-free conv. The panels
+    are shared out between threads when the product is big enough to pay for it.
+    """
+    panels, out_features = packed
+    if x.dtype != panels.dtype:
+        raise ValueError(f"linear: input dtype {x.dtype} differs from the weight's {panels.dtype}")
+    if x.shape[-1] != panels.shape[1]:
+        raise ValueError(
+            f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}"
+        )
+    x2 = as_rows(x)
+    rows, depth = x2.shape
+    residual2 = residual_rows(residual, (*x.shape[:-1], out_features), x.dtype, "linear")
+    n_panels, _, width = panels.shape
+    padded_scale, padded_shift = padded_scale_shift(n_panels * width, out_features, scale, bias, x.dtype)
+    y = np.empty((rows, n_panels * width), x.dtype)
+    block_rows = l2_block_rows(depth, x.itemsize)
+
+    code = activation_code(act)
+    macs = rows * out_features * (depth + (MACS_PER_VALUE if code else 0))
+    # Shared out by panels; a tall product with few panels (Swin's fc2 in its first stage: 3136 rows, 6 panels) by
+    # blocks of rows too, so that the threads split the rows instead of each streaming all of x for its panel or two.
+    item_rows = block_rows if n_panels < _FEW_PANELS else rows
+    arguments = (x2, panels, padded_scale, padded_shift, code, residual2, y, block_rows, item_rows, out_features)
+    run_shared(_gemm_shared, arguments, -(-rows // item_rows) * n_panels, macs)
+    if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns
+        y = np.ascontiguousarray(y[:, :out_features])
+    return y.reshape(*x.shape[:-1], out_features)
+
+@jit
+def linear_rows(x, panels, scale, shift, act, residual, out_features):
+    # linear()'s product of rows x (rows, depth) on this thread alone, as (rows, out_features)
+    rows, depth = x.shape
+    y = np.empty((rows, panels.shape[0] * panels.shape[2]), x.dtype)
+    gemm_panels(x, panels, scale, shift, act, residual, y, 0, panels.shape[0], l2_block_rows(depth, x.itemsize),
+                 out_features)
+    if y.shape[1] == out_features:
+        return y
+    unpadded = np.empty((rows, out_features), x.dtype)  # the last panel is cut short: drop its padding columns
+    copy_leading_columns(y, unpadded)
+    return unpadded

@@ -1,0 +1,166 @@
+"""LayerNorm, GELU, SiLU and softmax over the last axis of any array: Numba kernels over rows.
+
+Each ``_<op>_rows`` kernel computes the op on a block of rows; its ``_<op>_shared`` twin runs it on the chunks of rows
+this thread takes (:func:`vitnp.fast.schedule.take_chunk`), and :func:`_share_rows` hands that to the threads.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+from .pool import MACS_PER_VALUE, run_shared
+from .schedule import take_chunk
+from .vecmath import activate, activation_code, jit, max_lanes, scalar_exp, sum_lanes, sum_squares_lanes
+
+
+def as_rows(x):
+    """View ``x`` as (rows, last) without copying when it is C-contiguous."""
+    x = np.ascontiguousarray(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _rows_to_update(x2, out):
+    """The (rows, C) array an in-place kernel works on: ``out`` holding a copy of ``x2`` (unless it is ``x2``).
+
+    In-place kernels read and write one array, so LLVM vectorises their loops: with two arrays that may be the same
+    it must check for overlap at run time, and when ``out`` is ``x`` that check sends it to the scalar loop.
+    """
+    if out is None or not out.flags.c_contiguous:  # a strided ``out`` is filled by :func:`_result` afterwards
+        return x2.copy()
+    out2 = out.reshape(x2.shape)
+    if out2.ctypes.data != x2.ctypes.data or out2.strides != x2.strides:
+        np.copyto(out2, x2)
+    return out2
+
+
+def _share_rows(shared_kernel, arguments, y2):
+    """``shared_kernel(*arguments, schedule, job)`` over the rows of the (rows, C) result ``y2``, shared out between
+    threads when it has enough values to pay for it (:func:`vitnp.run_shared`)."""
+    run_shared(shared_kernel, arguments, y2.shape[0], y2.size * MACS_PER_VALUE)
+
+
+def _result(y2, shape, out):
+    """The kernel's (rows, C) result in ``shape``; a strided ``out`` (which no reshape can alias) receives a copy."""
+    y = y2.reshape(shape)
+    if out is not None and not out.flags.c_contiguous:
+        out[...] = y
+        return out
+    return y
+
+
+@jit
+def layer_norm_rows(x, weight, bias, eps, out):
+    # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row, var biased (divides by C).
+    # Two passes over the row (mean, then centred sum of squares) as torch does: no E[x^2] - E[x]^2 cancellation.
+    # The centred row goes to ``out`` first, so ``out`` may be ``x``.
+    rows, channels = x.shape
+    for r in range(rows):
+        mean = sum_lanes(x[r]) / channels
+        for c in range(channels):
+            out[r, c] = x[r, c] - mean
+        var = sum_squares_lanes(out[r]) / channels
+        inv_std = 1.0 / math.sqrt(var + eps)
+        for c in range(channels):
+            out[r, c] = out[r, c] * inv_std * weight[c] + bias[c]
+
+
+def layer_norm(x, weight, bias, eps, out=None):
+    """LayerNorm over the last axis: ``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)``.
+
+    Accumulates in float64 for either dtype (Numba promotes the scalar sums), then writes in ``x.dtype``.
+    """
+    x2 = as_rows(x)
+    y2 = out.reshape(x2.shape) if out is not None and out.flags.c_contiguous else np.empty_like(x2)
+    _share_rows(_layer_norm_shared, (x2, weight, bias, eps, y2), y2)
+    return _result(y2, x.shape, out)
+
+
+@jit
+def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        layer_norm_rows(x[begin:end], weight, bias, eps, out[begin:end])
+        begin, end = take_chunk(schedule, 0)
+
+
+@jit
+def _activation_rows(x, bias, act):
+    # In place: x = act(x + bias), the bias (C,) of the preceding Linear added first, row by row.
+    rows, channels = x.shape
+    for r in range(rows):
+        row = x[r]
+        for c in range(channels):
+            row[c] += bias[c]
+        activate(row, act)
+
+
+@jit
+def _activation_shared(x, bias, act, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _activation_rows(x[begin:end], bias, act)
+        begin, end = take_chunk(schedule, 0)
+
+
+def _activation(name, x, bias, out):
+    x2 = as_rows(x)
+    if bias is None:
+        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
+    y2 = _rows_to_update(x2, out)
+    _share_rows(_activation_shared, (y2, bias, activation_code(name)), y2)
+    return _result(y2, x.shape, out)
+
+
+def gelu(x, approximate="none", bias=None, out=None):
+    """GELU over any array: ``torch.nn.functional.gelu(x + bias, approximate=approximate)``.
+
+    ``bias`` (shape (C,), optional) is added first, so a Linear's bias add and the activation are one pass over
+    memory. ``out`` may be ``x`` itself for an in-place update. (vitnp's own Linears apply the activation inside the
+    GEMM: :func:`linear`'s ``act``.)
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _activation("gelu" if approximate == "none" else "gelu_tanh", x, bias, out)
+
+
+def silu(x, bias=None, out=None):
+    """SiLU over any array: ``torch.nn.functional.silu(x + bias)``, the bias (C,) over the last axis.
+
+    As :func:`gelu`: the bias add of a Linear and the activation in one pass; ``out`` may be ``x`` itself.
+    """
+    return _activation("silu", x, bias, out)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def softmax_row(x):
+    # In place on a 1-D row: softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x)); subtracting the row max
+    # keeps exp() <= 1.
+    row_max = max_lanes(x)
+    for c in range(x.shape[0]):
+        x[c] = scalar_exp(x[c] - row_max, x.dtype)
+    inv_total = 1.0 / sum_lanes(x)
+    for c in range(x.shape[0]):
+        x[c] *= inv_total
+
+
+@jit
+def _softmax_rows(x):
+    for r in range(x.shape[0]):
+        softmax_row(x[r])
+
+
+def softmax(x, out=None):
+    """Softmax over the last axis: ``torch.softmax(x, dim=-1)``. ``out`` may be ``x`` for an in-place update."""
+    x2 = as_rows(x)
+    y2 = _rows_to_update(x2, out)
+    _share_rows(_softmax_shared, (y2,), y2)
+    return _result(y2, x.shape, out)
+
+
+@jit
+def _softmax_shared(x, schedule, job):
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        _softmax_rows(x[begin:end])
+        begin, end = take_chunk(schedule, 0)
