@@ -3,30 +3,36 @@ two packages), their calls alternating, paired ratios.
 
     python benchmarks/ab_kernels.py BEFORE_TREE AFTER_TREE --cases gemm attention rows depthwise conv models --rounds 30
 
-A source tree is a directory with ``vitnp/`` in it (``git archive <commit> vitnp | tar -x -C /tmp/before``). On a
-shared virtual machine the speed drifts by more than a few percent between interpreters, so ``ab_trees.py`` (an
-interpreter per tree) cannot resolve a change of that size in one kernel; here every round times one call of each
-tree back to back, the order turning every round, and prints the ratio after / before of the medians beside the
-median of the rounds' own ratios. One thread by default: each tree has its own helper threads, which would spin
-against each other.
+A source tree is a directory with ``vitnp/`` in it (``git worktree add /tmp/before <commit>``); it is copied and
+imported under another name, so nothing is written into it. On a shared virtual machine the speed drifts by more than
+a few percent between interpreters, so ``ab_trees.py`` (an interpreter per tree) cannot resolve a change of that size
+in one kernel; here every round times one call of each tree back to back, the order turning every round, and prints
+the ratio after / before of the medians beside the median of the rounds' own ratios. One thread by default: each tree
+has its own helper threads, which would spin against each other.
+
+The cases call the engine's kernels: ``vitnp.kernels`` in a tree from before the two backends, the modules of
+``vitnp.fast`` in a tree with them (the same functions, the same arguments), and models on the fast backend. malloc's
+thresholds are fixed as the ``vitnp`` command fixes them (``vitnp.memory.keep_freed_memory()``, or on import in a tree
+from before that module).
 """
 
 import argparse
 import importlib
+import importlib.util
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 
 
-def gemm_cases(vitnp):
+def gemm_cases(vitnp, kernels):
     """The GEMM with the work done on its tile: SiLU (MobileViT's expanding 1x1 convs), GELU (ViT's and Swin's fc1),
     the residual's add (proj / fc2), a last panel that is half padding (144 output columns)."""
-    kernels = vitnp.kernels
     rng = np.random.default_rng(0)
     cases = {}
     shapes = [
@@ -47,10 +53,9 @@ def gemm_cases(vitnp):
     return cases
 
 
-def pointwise_cases(vitnp):
+def pointwise_cases(vitnp, kernels):
     """MobileViT's 1x1 convs and transformer Linears at batch 1 (one thread: a transformer's four sequences as one
     batch), the ten with the most multiply-adds, with their BatchNorm's scale and their SiLU or residual's add."""
-    kernels = vitnp.kernels
     rng = np.random.default_rng(0)
     cases = {}
     shapes = [
@@ -72,19 +77,18 @@ def pointwise_cases(vitnp):
     return cases
 
 
-def attention_cases(vitnp):
+def attention_cases(vitnp, kernels):
     """Attention on MobileViT's (head_dim 36), ViT's (197 keys) and Swin's (49-token windows) heads."""
     rng = np.random.default_rng(0)
     cases = {}
     for batch, tokens, heads, head_dim in [(8, 256, 4, 36), (1, 197, 12, 64), (64, 49, 3, 32)]:
         qkv = rng.standard_normal((batch, tokens, 3, heads, head_dim)).astype(np.float32)
-        cases[f"attention B{batch} N{tokens} hd{head_dim}"] = lambda qkv=qkv: vitnp.kernels.attention(qkv, 0.1)
+        cases[f"attention B{batch} N{tokens} hd{head_dim}"] = lambda qkv=qkv: kernels.attention(qkv, 0.1)
     return cases
 
 
-def row_cases(vitnp):
+def row_cases(vitnp, kernels):
     """The row kernels: LayerNorm, softmax, Swin's window partition / reverse, the depthwise conv with its SiLU."""
-    kernels = vitnp.kernels
     rng = np.random.default_rng(0)
     tokens = rng.standard_normal((197, 768)).astype(np.float32)
     ones, zeros = np.ones(768, np.float32), np.zeros(768, np.float32)
@@ -102,7 +106,7 @@ def row_cases(vitnp):
     }
 
 
-def depthwise_cases(vitnp):
+def depthwise_cases(vitnp, kernels):
     """MobileViT's depthwise 3x3 convs (stage 1's, 2's and 3's maps, strides 1 and 2), alone and with SiLU."""
     rng = np.random.default_rng(0)
     cases = {}
@@ -111,14 +115,14 @@ def depthwise_cases(vitnp):
         weight = (rng.standard_normal((channels, 1, 3, 3)) * 0.3).astype(np.float32)
         for act in ("none", "silu"):
             cases[f"depthwise {size}x{size}x{channels} stride {stride} {act}"] = (
-                lambda x=x, weight=weight, stride=stride, act=act: vitnp.kernels.depthwise_conv2d(
+                lambda x=x, weight=weight, stride=stride, act=act: kernels.depthwise_conv2d(
                     x, weight, stride, 1, act=act
                 )
             )
     return cases
 
 
-def conv_cases(vitnp):
+def conv_cases(vitnp, kernels):
     """MobileViT's k x k convs as its Conv2d modules run them (BatchNorm's scale and shift, SiLU): the stem's shape on
     an NHWC map, stage 3's local 3x3 conv, the fusion convs of stages 3, 4 and 5 on their two maps, and the model's
     stem itself."""
@@ -134,18 +138,16 @@ def conv_cases(vitnp):
         scale, shift = np.ones(out, np.float32), np.zeros(out, np.float32)
         label = f"conv {name} {size}x{size}x{'+'.join(map(str, channels))} -> {out}"
         cases[label] = lambda conv=conv, x=x, scale=scale, shift=shift: conv(x, None, scale, shift, "silu")
-    # mobilevit_s's stem as forward_features runs it: on the NCHW images where the stem reads them in place
-    # (Conv2d.reads_images), else on their NHWC copy, made first
+    # mobilevit_s's stem as forward_features runs it, on the NCHW images: passed as they are to a stem that
+    # ``reads_images`` (a tree from before the two backends), else as their NHWC view (read in place)
     stem = vitnp.create_model("mobilevit_s", seed=0).stem
     images = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)
-    if getattr(stem.conv, "reads_images", False):
-        cases["mobilevit_s stem on the 256x256 images"] = lambda: stem(images)
-    else:
-        cases["mobilevit_s stem on the 256x256 images"] = lambda: stem(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
+    stem_input = images if getattr(stem.conv, "reads_images", False) else images.transpose(0, 2, 3, 1)
+    cases["mobilevit_s stem on the 256x256 images"] = lambda: stem(stem_input)
     return cases
 
 
-def model_cases(vitnp):
+def model_cases(vitnp, kernels):
     """Whole forwards, batch 1, random weights."""
     cases = {}
     for name in ("mobilevit_s", "swin_tiny_patch4_window7_224", "vit_base_patch16_224"):
@@ -173,11 +175,45 @@ CASES = {"gemm": gemm_cases, "pointwise": pointwise_cases, "attention": attentio
 
 
 def import_tree(tree, name, workdir):
-    """The tree's ``vitnp`` package imported as ``name`` (its imports are relative, so a copy under another name
-    is a second, independent vitnp)."""
+    """The tree's ``vitnp`` package imported as ``name`` (its imports are relative, so a copy under another name is a
+    second, independent vitnp), with malloc's thresholds fixed as the ``vitnp`` command fixes them."""
     source, copy = os.path.join(tree, "vitnp"), os.path.join(workdir, name)
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    return importlib.import_module(name)
+    package = importlib.import_module(name)
+    if importlib.util.find_spec(f"{name}.backends"):
+        import_backends_from_copy(name)
+    if importlib.util.find_spec(f"{name}.memory"):
+        importlib.import_module(f"{name}.memory").keep_freed_memory()
+    return package
+
+
+def import_backends_from_copy(name):
+    """Make the copy ``name`` load its backends' ops from itself: ``vitnp.backends.backend_ops`` imports
+    ``vitnp.<backend>.ops`` by its absolute name, which is not the copy's. Every module of the copy that holds
+    ``backend_ops`` gets one that imports ``<name>.<backend>.ops``."""
+    backends = importlib.import_module(f"{name}.backends")
+    absolute = backends.backend_ops
+
+    def backend_ops(backend):
+        return importlib.import_module(f"{name}.{backends.check_backend(backend)}.ops")
+
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith(f"{name}.") and getattr(module, "backend_ops", None) is absolute:
+            module.backend_ops = backend_ops
+
+
+def engine_kernels(name):
+    """The engine's kernels the cases call, under one namespace: ``vitnp.kernels`` in a tree from before the two
+    backends, else the ``vitnp.fast`` modules that hold them (the same functions and arguments)."""
+    if importlib.util.find_spec(f"{name}.kernels"):
+        return importlib.import_module(f"{name}.kernels")
+    gemm, attention, rows, windows, conv = (importlib.import_module(f"{name}.fast.{room}")
+                                            for room in ("gemm", "attention", "rows", "windows", "conv"))
+    return types.SimpleNamespace(
+        pack_linear_weight=gemm.pack_linear_weight, linear=gemm.linear, attention=attention.attention,
+        layer_norm=rows.layer_norm, softmax=rows.softmax, window_partition=windows.window_partition,
+        window_reverse=windows.window_reverse, depthwise_conv2d=conv.depthwise_conv2d,
+    )
 
 
 def main():
@@ -188,32 +224,34 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    os.environ.pop("VITNP_BACKEND", None)  # models on the fast backend, the default, in a tree that has two
     print(blas_report())
     workdir = tempfile.mkdtemp(prefix="vitnp_ab_")
     sys.path.insert(0, workdir)
-    trees = {"before": import_tree(args.before, "vitnp_before", workdir),
-             "after": import_tree(args.after, "vitnp_after", workdir)}
-    for package in trees.values():
+    trees = {}
+    for side, tree in (("before", args.before), ("after", args.after)):
+        package = import_tree(tree, f"vitnp_{side}", workdir)
         package.set_num_threads(args.threads)
+        trees[side] = (package, engine_kernels(package.__name__))
     print(f"{args.threads} thread(s), {args.rounds} rounds; ratio after / before (< 1: after is faster)")
     print("| case | before ms | after ms | ratio of medians | median of round ratios |")
     print("|---|---|---|---|---|")
     for group in args.cases:
-        calls = {tree: CASES[group](package) for tree, package in trees.items()}
+        calls = {side: CASES[group](package, kernels) for side, (package, kernels) in trees.items()}
         for case in calls["before"]:
-            pair = {tree: calls[tree][case] for tree in trees}
+            pair = {side: calls[side][case] for side in trees}
             for _ in range(2):
                 for call in pair.values():
                     call()
-            times = {tree: [] for tree in trees}
+            times = {side: [] for side in trees}
             ratios = []
             for r in range(args.rounds):
-                for tree in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
                     start = time.perf_counter()
-                    pair[tree]()
-                    times[tree].append(time.perf_counter() - start)
+                    pair[side]()
+                    times[side].append(time.perf_counter() - start)
                 ratios.append(times["after"][-1] / times["before"][-1])
-            before, after = (statistics.median(times[tree]) * 1e3 for tree in trees)
+            before, after = (statistics.median(times[side]) * 1e3 for side in trees)
             print(f"| {case} | {before:.3f} | {after:.3f} | {after / before:.3f} | {statistics.median(ratios):.3f} |",
                   flush=True)
     shutil.rmtree(workdir, ignore_errors=True)

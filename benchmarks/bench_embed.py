@@ -5,11 +5,13 @@
 It writes ``--images`` random 224 x 224 JPEGs and the model's random weights (.npz) to a temporary folder, then for
 each worker count runs ``embed(..., workers=N)`` as the command does, cold (LocalCluster start, worker imports, the
 model built in each worker, included) and warm (the same cluster again into a new output folder: the steady rate),
-and ``workers=0`` (this process, ``vitnp.get_num_threads()`` shards at once). It prints the machine, the BLAS
-library and kernel (threadpoolctl) in this process and in the workers, and the figures.
+and ``workers=0`` (this process, ``vitnp.get_num_threads()`` shards at once). It prints the CPU, the BLAS library and
+kernel (threadpoolctl) in this process and in the workers, and the figures.
 
-OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment for this run, as benchmarks/bench_models.py
-does (the script re-executes itself before NumPy is imported; the workers inherit the environment).
+This process calls ``vitnp.memory.keep_freed_memory()``, as the ``vitnp`` command does; the workers are set up by
+``vitnp embed`` itself. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment for this run, as
+benchmarks/bench_models.py does (the script re-executes itself before NumPy is imported; the workers inherit the
+environment).
 
 Needs the scale extra (dask[distributed], pyarrow) and threadpoolctl (the test extra).
 """
@@ -17,18 +19,17 @@ Needs the scale extra (dask[distributed], pyarrow) and threadpoolctl (the test e
 import os
 import sys
 
-_OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+from bench_models import restart_without_openblas_overrides
 
-if __name__ == "__main__" and any(name in os.environ for name in _OPENBLAS_OVERRIDES):
-    _env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
-    _env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in _OPENBLAS_OVERRIDES if k in os.environ)
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], _env)
+if __name__ == "__main__":
+    restart_without_openblas_overrides(__file__)
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import tempfile  # noqa: E402
 
-from bench_models import blas_report, machine_report  # noqa: E402
+from bench_models import blas_report, cpu_report, load_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,12 +67,14 @@ def main(argv=None):
 
     import vitnp
     from vitnp.embed import embed, local_cluster
+    from vitnp.memory import keep_freed_memory
 
-    command = " ".join(["python", "benchmarks/bench_embed.py", *sys.argv[1:]])
-    print(f"command: {command}")
-    print(f"machine: {machine_report()}")
+    keep_freed_memory()
+    print(f"command: python benchmarks/bench_embed.py {shlex.join(sys.argv[1:])}")
+    print(f"CPU: {cpu_report()}; load average {load_report()}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, vitnp {vitnp.__version__}")
     print(f"OpenBLAS overrides unset for this run: {os.environ.get('VITNP_BENCH_UNSET') or 'none were set'}")
+    print("glibc malloc: vitnp.memory.keep_freed_memory() called in this process; the workers as vitnp embed sets them")
     print("thread pools in this process (threadpoolctl):")
     for line in blas_report():
         print(f"  {line}")

@@ -1,31 +1,42 @@
-"""Time vitnp against torch eager on the same model, weights, input and thread count, alternating in one run.
+"""Time vitnp's two backends against torch eager and onnxruntime: same model, weights, input and thread count, the
+engines taking turns in one process.
 
-    python benchmarks/bench_models.py [--models NAME ...] [--batch 1 8] [--threads 2] [--repeats N] [--per-op]
+    python benchmarks/bench_models.py [--models NAME ...] [--batch 1 8] [--threads 2] [--repeats 7]
+                                      [--reference-repeats 3] [--engines ...] [--memory] [--per-op] [--json PATH]
 
-Any name that both vitnp and timm register works. For each (model, batch, threads) it builds the timm model with
-random weights (pretrained=False), loads the same weights into vitnp, warms both up, then times one forward of each
-engine per repeat, alternating which goes first, and prints medians: ms per image, images/s, the ratio vitnp/torch
-and the largest logit difference. It also prints the BLAS library and kernel in use with the thread counts, and the
-Numba start-up cost: import + first forward with an empty Numba cache (cold compile) and with a warm one.
+Any name that both vitnp and timm register works. For each model it builds the timm model with random weights
+(pretrained=False), loads the same weights into vitnp (backend 'fast' and backend 'reference') and exports the timm
+model to ONNX for onnxruntime. For each (thread count, batch) every engine runs one untimed forward (its logits are
+compared with torch's) and ``--warmup`` more, then the engines take turns, one timed forward each, the order flipping
+every round; the table gives per engine the median ms per batch, images/s, GFLOP/s, its time over torch eager's and
+over the fastest peer's (peers: torch eager and onnxruntime), the largest logit difference from torch, and with
+``--memory`` its peak RSS in a fresh process. The reference backend is slow: it runs ``--reference-repeats`` timed
+forwards and no warm-up beyond its first forward. Then the start-up of both vitnp backends: import + create_model +
+first forward in a fresh interpreter, with an empty Numba cache (cold: every kernel compiled) and with a filled one.
 
-OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment for this run (the script re-executes itself
-before NumPy is imported): on this machine they pin OpenBLAS to slower kernels than it picks itself.
+The run calls ``vitnp.memory.keep_freed_memory()`` (as the ``vitnp`` command does: glibc malloc keeps freed activation
+memory for the next forward; the setting is process-wide, so every engine in this process runs with it), and so does
+every fresh vitnp interpreter it starts. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment for
+the run (the script re-executes itself before NumPy is imported): set, they override the kernel and cache size
+OpenBLAS detects for this CPU (with slower ones on the machines measured so far). The CPU, its vector extensions,
+the BLAS kernel OpenBLAS picked (threadpoolctl) and every thread count are printed with the figures, and at the end
+the rows again with the engines side by side, as benchmarks/README.md shows them.
 
-Needs torch, timm and threadpoolctl (the test extra) besides vitnp.
+Needs torch, timm and threadpoolctl (the test extra), and onnx + onnxruntime for the fourth engine.
 """
 
 import os
 import sys
 
-_OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def restart_without_openblas_overrides(script):
     """Re-execute ``script`` (with this process's arguments) without the OpenBLAS variables, if any is set. OpenBLAS
     reads them once, when it is loaded: call this before anything imports NumPy."""
-    if any(name in os.environ for name in _OPENBLAS_OVERRIDES):
-        env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
-        env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in _OPENBLAS_OVERRIDES if k in os.environ)
+    if any(name in os.environ for name in OPENBLAS_OVERRIDES):
+        env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_OVERRIDES}
+        env["VITNP_BENCH_UNSET"] = " ".join(f"{k}={os.environ[k]}" for k in OPENBLAS_OVERRIDES if k in os.environ)
         os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
 
 
@@ -36,6 +47,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -46,27 +58,60 @@ import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime")
+PEERS = ("torch eager", "onnxruntime")  # the engines every engine's time is compared with
+VITNP_BACKENDS = ("fast", "reference")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="registered names (vitnp and timm)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
-    p.add_argument("--threads", nargs="+", type=int, default=[2], help="thread counts, same for every engine")
-    p.add_argument("--numba-threads", type=int, help="Numba's thread count, if not --threads (BLAS keeps --threads)")
+    p.add_argument("--threads", nargs="+", type=int, default=[2], help="thread counts, the same for every engine")
     p.add_argument("--repeats", type=int, default=7, help="timed forwards per engine; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per engine first")
+    p.add_argument("--reference-repeats", type=int, default=3,
+                   help="timed forwards of vitnp's reference backend (default 3: it is slow)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per engine after the first (not reference)")
+    p.add_argument("--engines", nargs="+", choices=ENGINE_CHOICES, default=list(ENGINE_CHOICES),
+                   help="engines to time (default all; onnxruntime only when installed and for float32)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--per-op", action="store_true", help="also break vitnp's forward down by op (wall clock)")
-    p.add_argument("--no-startup", action="store_true", help="skip the Numba cold / cached start-up measurement")
+    p.add_argument("--memory", action="store_true", help="also each engine's peak RSS, one fresh process per row")
+    p.add_argument("--per-op", action="store_true", help="also break each vitnp forward down by op (wall clock)")
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     p.add_argument("--startup-model", help="model for the start-up measurement (default: the first of --models)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
-    p.add_argument("--no-onnxruntime", action="store_true", help="leave onnxruntime out even when it is installed")
-    p.add_argument("--memory", action="store_true", help="also measure each engine's peak RSS in a fresh process")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.repeats, args.reference_repeats) < 1:
+        p.error("--repeats and --reference-repeats must be at least 1 (--engines leaves an engine out)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- environment
+
+
+def cpu_report():
+    """The CPU's model name, logical CPU count and vector extensions (avx2, avx512f, amx) from /proc/cpuinfo; on
+    other systems platform's processor name."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            fields = [line.split(":", 1) for line in cpuinfo if ":" in line]
+    except OSError:
+        return f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs"
+    first = {}
+    for key, value in fields:  # the first CPU's fields
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name", platform.machine())
+    if "cpu family" in first:  # a virtual machine's model name may be only "AMD EPYC": family and model say which
+        name += f" (family {first['cpu family']}, model {first.get('model', '?')})"
+    flags = set(first.get("flags", "").split())
+    extensions = ", ".join(f"{label} {'yes' if flag in flags else 'no'}"
+                           for label, flag in (("avx2", "avx2"), ("avx512f", "avx512f"), ("amx", "amx_tile")))
+    guest = "; virtual machine" if "hypervisor" in flags else ""
+    return f"{name}; {os.cpu_count()} logical CPUs; {extensions}{guest}"
+
+
+def load_report():
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 def blas_report():
@@ -89,88 +134,78 @@ def blas_report():
 def numba_report():
     import numba
 
-    try:
-        layer = numba.threading_layer()  # known only once a parallel kernel has run
-    except ValueError:
-        layer = "(no parallel kernel run yet)"
-    return (
-        f"numba {numba.__version__}: threading layer {layer} (config {numba.config.THREADING_LAYER!r}), "
-        f"num_threads {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS}"
-    )
+    return f"numba {numba.__version__}: num_threads {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS}"
 
 
-def engine_versions():
+def package_versions(names):
     import importlib.metadata
 
-    return [f"{e.name} {importlib.metadata.version(e.name)}" for e in ENGINES]
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(versions)
 
 
-def machine_report():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = f"{names[0]} x {len(names)}" if names else cpu
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{cpu}; os.cpu_count() {os.cpu_count()}; load average {load}"
+def set_threads(n, engines, blas_limits):
+    """The same thread count for torch, vitnp (BLAS, Numba, its own threads) and onnxruntime's sessions; the BLAS
+    limit stays in force through threadpoolctl (``blas_limits``: the controller and the limit now in force)."""
+    import torch
 
+    import vitnp
 
-class Threads:
-    """Sets torch's, vitnp's (BLAS, Numba, batch chunks) thread counts together and keeps the BLAS limit in force."""
-
-    def __init__(self):
-        from threadpoolctl import ThreadpoolController
-
-        self.controller = ThreadpoolController()
-        self.limit = None
-
-    def set(self, n, numba_threads=None):
-        import numba
-        import torch
-
-        import vitnp
-
-        if self.limit is not None:
-            self.limit.restore_original_limits()
-        torch.set_num_threads(n)
-        self.limit = self.controller.limit(limits=n, user_api="blas")
-        vitnp.set_num_threads(n)  # the BLAS's threads (again), Numba's and the chunks a batch is split into
-        numba.set_num_threads(numba_threads or n)
-        for engine in ENGINES:
+    controller, limit = blas_limits
+    if limit is not None:
+        limit.restore_original_limits()
+    torch.set_num_threads(n)
+    vitnp.set_num_threads(n)
+    for engine in engines:
+        if isinstance(engine, OnnxRuntimeEngine):  # its sessions are made per thread count, on first use
             engine.threads = n
+    return controller, controller.limit(limits=n, user_api="blas")
 
 
 # ----------------------------------------------------------------------------------------------- engines
-# An engine turns (timm model, state_dict, dtype) into a function images -> logits (NumPy in, NumPy out).
-# vitnp is the engine under test; every other engine is a reference it is compared with.
+# An engine turns (model name, timm model, state_dict, dtype) into a function images -> logits (NumPy in and out).
 
 
 class VitnpEngine:
-    name = "vitnp"
+    def __init__(self, backend, repeats, warmup):
+        self.backend = backend
+        self.name = f"vitnp {backend}"
+        self.repeats, self.warmup = repeats, warmup
+        self.model = None  # the model prepared last (for --per-op)
 
     def prepare(self, model_name, timm_model, state_dict, dtype):
         import vitnp
 
-        model = vitnp.create_model(model_name, weights=state_dict, dtype=dtype)
+        model = vitnp.create_model(model_name, weights=state_dict, dtype=dtype, backend=self.backend)
         self.model = model
         return model
 
 
 class TorchEngine:
-    name = "torch"
+    name = "torch eager"
+
+    def __init__(self, repeats, warmup):
+        self.repeats, self.warmup = repeats, warmup
 
     def prepare(self, model_name, timm_model, state_dict, dtype):
-        import torch
+        return torch_forward(timm_model, dtype)
 
-        timm_model = timm_model.to(getattr(torch, dtype)).eval()
 
-        def forward(x):
-            with torch.inference_mode():
-                return timm_model(torch.from_numpy(x)).numpy()
+def torch_forward(timm_model, dtype):
+    import torch
 
-        return forward
+    timm_model = timm_model.to(getattr(torch, dtype)).eval()
+
+    def forward(x):
+        with torch.inference_mode():
+            return timm_model(torch.from_numpy(x)).numpy()
+
+    return forward
 
 
 class OnnxRuntimeEngine:
@@ -178,7 +213,8 @@ class OnnxRuntimeEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, workdir):
+    def __init__(self, repeats, warmup, workdir):
+        self.repeats, self.warmup = repeats, warmup
         self.workdir = workdir
         self.threads = 1
         self.paths = {}  # model name -> its .onnx file
@@ -223,10 +259,23 @@ class OnnxRuntimeEngine:
         return forward
 
 
-ENGINES = [VitnpEngine(), TorchEngine()]  # main() adds OnnxRuntimeEngine when onnxruntime is installed
+def make_engines(args, workdir):
+    engines = []
+    for choice in args.engines:
+        if choice == "vitnp-fast":
+            engines.append(VitnpEngine("fast", args.repeats, args.warmup))
+        elif choice == "vitnp-reference":
+            engines.append(VitnpEngine("reference", args.reference_repeats, 0))
+        elif choice == "torch":
+            engines.append(TorchEngine(args.repeats, args.warmup))
+        elif OnnxRuntimeEngine.available(args.dtype):
+            engines.append(OnnxRuntimeEngine(args.repeats, args.warmup, workdir))
+        else:
+            print("onnxruntime left out: onnx + onnxruntime not installed, or --dtype float64")
+    return engines
 
 
-def build_case(model_name, dtype):
+def build_case(model_name):
     """The timm model with random weights and the same weights as a {key: ndarray} state_dict."""
     import timm
     import torch
@@ -243,25 +292,26 @@ def build_case(model_name, dtype):
 PAUSE_S = 0.1
 
 
-def time_alternating(forwards, x, warmup, repeats):
-    """Median seconds per forward of each engine; the engines take turns, and the order flips every repeat.
+def time_alternating(engines, forwards, x):
+    """Median seconds per forward of each engine: ``engine.warmup`` untimed forwards each, then rounds in which every
+    engine with timed forwards left (``engine.repeats``) runs one, the order flipping every round.
 
     Each timed forward starts after a pause of :data:`PAUSE_S`: torch's OpenMP threads, onnxruntime's and vitnp's
     helpers keep spinning for a while after a forward, and would otherwise take a core from the next engine.
     """
-    for _ in range(warmup):
-        for forward in forwards.values():
-            forward(x)
-    samples = {name: [] for name in forwards}
-    order = list(forwards)
+    for engine in engines:
+        for _ in range(engine.warmup):
+            forwards[engine.name](x)
+    samples = {engine.name: [] for engine in engines}
     gc.disable()
     try:
-        for r in range(repeats):
-            for name in order if r % 2 == 0 else order[::-1]:
-                time.sleep(PAUSE_S)
-                start = time.perf_counter()
-                forwards[name](x)
-                samples[name].append(time.perf_counter() - start)
+        for r in range(max(engine.repeats for engine in engines)):
+            for engine in engines if r % 2 == 0 else engines[::-1]:
+                if r < engine.repeats:
+                    time.sleep(PAUSE_S)
+                    start = time.perf_counter()
+                    forwards[engine.name](x)
+                    samples[engine.name].append(time.perf_counter() - start)
     finally:
         gc.enable()
     return {name: statistics.median(s) for name, s in samples.items()}
@@ -278,99 +328,148 @@ def flops_per_image(timm_model, image_shape):
     return counter.get_total_flops()
 
 
-_GEMM_PEAK = {}
-
-
-def gemm_peak(n_threads, size=2048, repeats=5):
+def gemm_peak(size=2048, repeats=5):
     """GFLOP/s of NumPy's BLAS on a square float32 GEMM with the current thread count: the measured peak."""
     import numpy as np
 
-    if n_threads not in _GEMM_PEAK:
-        rng = np.random.default_rng(0)
-        a, b = (rng.standard_normal((size, size)).astype(np.float32) for _ in range(2))
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(np.float32) for _ in range(2))
+    a @ b
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
         a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
-        _GEMM_PEAK[n_threads] = 2 * size**3 / best / 1e9
-    return _GEMM_PEAK[n_threads]
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * size**3 / fastest / 1e9
 
 
-def _timed(function):
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def run_benchmarks(args, threads):
+def run_benchmarks(args, engines, workdir):
+    """One row per (model, threads, batch): every engine's figures (and with --memory its peak RSS), printed as
+    measured; then the per-op breakdowns."""
     import numpy as np
+    from threadpoolctl import ThreadpoolController
 
+    blas_limits = (ThreadpoolController(), None)
     rows, breakdowns = [], []
     rng = np.random.default_rng(0)
+    print_table_header(args, engines)
     for model_name in args.models:
-        timm_model, state_dict = build_case(model_name, args.dtype)
-        forwards = {e.name: e.prepare(model_name, timm_model, state_dict, args.dtype) for e in ENGINES}
-        vitnp_model = ENGINES[0].model
-        image_shape = (vitnp_model.in_chans, *vitnp_model.img_size)
-        flops = flops_per_image(timm_model, image_shape)
+        timm_model, state_dict = build_case(model_name)
+        image_shape = tuple(timm_model.pretrained_cfg["input_size"])
+        flops = flops_per_image(timm_model, image_shape)  # in float32, before an engine casts the timm model
+        forwards = {e.name: e.prepare(model_name, timm_model, state_dict, args.dtype) for e in engines}
+        torch_logits = torch_forward(timm_model, args.dtype)
+        npz_path = write_npz(model_name, state_dict, workdir) if args.memory else None
         for n_threads in args.threads:
-            threads.set(n_threads, args.numba_threads)
-            peak = gemm_peak(n_threads)
+            blas_limits = set_threads(n_threads, engines, blas_limits)
             for batch in args.batch:
                 x = rng.standard_normal((batch, *image_shape)).astype(args.dtype)
-                logits = {name: np.asarray(f(x)) for name, f in forwards.items()}
-                seconds = time_alternating(forwards, x, args.warmup, args.repeats)
-                row = dict(model=model_name, batch=batch, threads=n_threads, dtype=args.dtype)
-                row.update(gflop_per_img=flops / 1e9, gemm_peak_gflops=peak)
-                for name, s in seconds.items():
-                    row[f"{name}_ms_per_img"] = 1e3 * s / batch
-                    row[f"{name}_img_per_s"] = batch / s
-                    row[f"{name}_gflops"] = flops * batch / s / 1e9
-                    row[f"{name}_peak_fraction"] = row[f"{name}_gflops"] / peak
-                for name in seconds:
-                    if name != "vitnp":
-                        row[f"vitnp/{name}"] = seconds["vitnp"] / seconds[name]
-                        row[f"max_abs_diff_{name}"] = float(np.abs(logits["vitnp"] - logits[name]).max())
+                expected = torch_logits(x)
+                logit_diffs = {name: float(np.abs(np.asarray(f(x)) - expected).max()) for name, f in forwards.items()}
+                seconds = time_alternating(engines, forwards, x)
+                row = dict(model=model_name, batch=batch, threads=n_threads, dtype=args.dtype,
+                           gflop_per_image=flops / 1e9, engines={})
+                peer_seconds = [seconds[name] for name in PEERS if name in seconds]
+                for engine in engines:
+                    s = seconds[engine.name]
+                    row["engines"][engine.name] = dict(
+                        ms_per_batch=1e3 * s, images_per_s=batch / s, gflops=flops * batch / s / 1e9,
+                        over_torch=s / seconds["torch eager"] if "torch eager" in seconds else None,
+                        over_fastest_peer=s / min(peer_seconds) if peer_seconds else None,
+                        max_abs_logit_diff=logit_diffs[engine.name], timed_forwards=engine.repeats,
+                    )
+                if args.memory:
+                    onnx_engine = next((e for e in engines if e.name == "onnxruntime"), None)
+                    onnx_path = onnx_engine.paths[model_name] if onnx_engine else ""
+                    for engine in engines:
+                        row["engines"][engine.name]["peak_rss_mib"] = measure_memory(
+                            engine, model_name, npz_path, onnx_path, batch, n_threads, args.dtype)
                 rows.append(row)
-                print(format_row(row), flush=True)
+                print_row(row, args.memory)
                 if args.per_op:
-                    breakdowns.append((row, per_op_breakdown(vitnp_model, x, args.repeats)))
-    for row, breakdown in breakdowns:
-        print_per_op(row, *breakdown)
+                    for engine in engines:
+                        if isinstance(engine, VitnpEngine):
+                            breakdowns.append((row, engine.name, per_op_breakdown(engine.model, x, engine.repeats)))
+    for row, engine_name, breakdown in breakdowns:
+        print_per_op(row, engine_name, *breakdown)
     return rows
 
 
-def format_header():
-    others = [e.name for e in ENGINES[1:]]
-    cols = ["model", "batch", "thr", "vitnp ms/img"]
-    cols += [f"{o} ms/img" for o in others] + [f"vitnp/{o}" for o in others]
-    cols += ["vitnp img/s"] + [f"{o} img/s" for o in others] + ["GFLOP/img"]
-    cols += [f"{e.name} GFLOP/s (% peak)" for e in ENGINES] + [f"max|dlogit| {o}" for o in others]
-    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+def print_table_header(args, engines):
+    timed = ", ".join(f"{e.name} {e.repeats}" for e in engines)
+    peers = " and ".join(p for p in PEERS if p in {e.name for e in engines}) or "(no peer timed)"
+    print(f"\n{args.dtype}; medians of timed forwards ({timed}), engines alternating, after each engine's first "
+          f"forward and {args.warmup} warm-up forwards (vitnp reference: none); / fastest peer: the engine's time over "
+          f"the fastest of {peers}" + ("; peak RSS: a fresh process, one forward" if args.memory else ""))
+    cols = ["model", "batch", "threads", "engine", "ms/batch", "images/s", "GFLOP/s", "/ torch eager",
+            "/ fastest peer", "max abs logit diff vs torch"] + (["peak RSS MiB"] if args.memory else [])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
 
 
-def format_row(row):
-    others = [e.name for e in ENGINES[1:]]
-    cells = [row["model"], str(row["batch"]), str(row["threads"]), f"{row['vitnp_ms_per_img']:.1f}"]
-    cells += [f"{row[f'{o}_ms_per_img']:.1f}" for o in others]
-    cells += [f"{row[f'vitnp/{o}']:.2f}" for o in others]
-    cells += [f"{row['vitnp_img_per_s']:.1f}"] + [f"{row[f'{o}_img_per_s']:.1f}" for o in others]
-    cells += [f"{row['gflop_per_img']:.2f}"]
-    cells += [f"{row[f'{e.name}_gflops']:.0f} ({100 * row[f'{e.name}_peak_fraction']:.0f}%)" for e in ENGINES]
-    cells += [f"{row[f'max_abs_diff_{o}']:.1e}" for o in others]
-    return "| " + " | ".join(cells) + " |"
+def print_row(row, memory):
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    for name, e in row["engines"].items():
+        cells = [row["model"], str(row["batch"]), str(row["threads"]), name, f"{e['ms_per_batch']:.1f}",
+                 f"{e['images_per_s']:.2f}", f"{e['gflops']:.{0 if e['gflops'] >= 10 else 2}f}", ratio(e["over_torch"]),
+                 ratio(e["over_fastest_peer"]), "-" if name == "torch eager" else f"{e['max_abs_logit_diff']:.1e}"]
+        if memory:
+            cells.append(f"{e['peak_rss_mib']:.0f}")
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+SUMMARY_ENGINES = ("vitnp fast", "vitnp reference", "torch eager", "onnxruntime")
+
+
+def print_summary(rows, memory):
+    """The rows again with the engines side by side, as benchmarks/README.md shows them: times and ratios, and with
+    --memory the peak RSS ('-': an engine not timed)."""
+
+    def cell(row, engine, key, digits):
+        value = row["engines"].get(engine, {}).get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def over(row, numerator, denominator):
+        engines = row["engines"]
+        if numerator not in engines or denominator not in engines:
+            return "-"
+        return f"{engines[numerator]['ms_per_batch'] / engines[denominator]['ms_per_batch']:.2f}"
+
+    print("\nsummary, ms per batch (median) and ratios of times (below 1: the first engine is faster):")
+    print("| model | batch | threads | vitnp fast | vitnp reference | torch eager | onnxruntime | fast / torch "
+          "| fast / fastest peer | reference / torch | reference / fast | max abs logit diff vs torch: fast, "
+          "reference |\n|" + "---|" * 12)
+    for row in rows:
+        diffs = ", ".join("-" if engine not in row["engines"] else f"{row['engines'][engine]['max_abs_logit_diff']:.1e}"
+                          for engine in ("vitnp fast", "vitnp reference"))
+        cells = [row["model"], str(row["batch"]), str(row["threads"])]
+        cells += [cell(row, engine, "ms_per_batch", 1) for engine in SUMMARY_ENGINES]
+        cells += [over(row, "vitnp fast", "torch eager"), cell(row, "vitnp fast", "over_fastest_peer", 2),
+                  over(row, "vitnp reference", "torch eager"), over(row, "vitnp reference", "vitnp fast"), diffs]
+        print("| " + " | ".join(cells) + " |")
+    if memory:
+        print("\nsummary, peak RSS MiB (a fresh process: imports, model, one forward of the batch):")
+        print("| model | batch | threads | " + " | ".join(SUMMARY_ENGINES) + " |\n|" + "---|" * 7)
+        for row in rows:
+            cells = [row["model"], str(row["batch"]), str(row["threads"])]
+            cells += [cell(row, engine, "peak_rss_mib", 0) for engine in SUMMARY_ENGINES]
+            print("| " + " | ".join(cells) + " |")
 
 
 # ----------------------------------------------------------------------------------------------- per-op breakdown
 
 
 class OpProfiler:
-    """Wall-clock time of each module call and each ``ops`` / ``kernels`` function call in vitnp's forward.
+    """Wall-clock time of each module call and each op call in a vitnp model's forward.
 
-    Every vitnp ``Module`` subclass's ``__call__`` and every public function of ``vitnp.ops`` and ``vitnp.kernels``
-    is wrapped while profiling. Time is *exclusive*: a module's own line is what its ``__call__`` spends outside the
-    calls it makes to wrapped modules and functions (for a ViT ``Block``: the residual adds; for ``Attention``: the
-    q scaling, the two attention matmuls and the head reshapes). Labels are parameter paths with the block indices
-    folded (``blocks.*.attn.qkv``), and ``path: function`` for a function called by a module, so the breakdown works
-    for every family without knowing it. Each thread keeps its own stack: a batch runs as one chunk per thread.
+    Every vitnp ``Module`` subclass's ``__call__`` and every function of the model's ops module (``model.ops``:
+    :mod:`vitnp.fast.ops` or :mod:`vitnp.reference.ops`, the same names) is wrapped while profiling. Time is
+    *exclusive*: a module's own line is what its ``__call__`` spends outside the calls it makes to wrapped modules and
+    ops (for a ViT ``Block``: the residual adds; for ``Attention``: the q scaling, the head reshapes). Labels are
+    parameter paths with the block indices folded (``blocks.*.attn.qkv``), and ``path: op`` for an op called by a
+    module, so the breakdown works for every family without knowing it. Each thread keeps its own stack: a batch runs
+    as one chunk per thread.
     """
 
     def __init__(self, model):
@@ -382,7 +481,7 @@ class OpProfiler:
         self.totals = {}
         self.calls = {}
         self.lock = threading.Lock()
-        self.local = threading.local()  # each thread's own stack of [label, start, time spent in wrapped callees]
+        self.local = threading.local()  # each thread's stack of [label, start, time in wrapped callees, module label]
 
     @property
     def stack(self):
@@ -390,12 +489,12 @@ class OpProfiler:
             self.local.stack = []
         return self.local.stack
 
-    def _enter(self, label):
-        self.stack.append([label, time.perf_counter(), 0.0])
+    def _enter(self, label, module_label):
+        self.stack.append([label, time.perf_counter(), 0.0, module_label])
 
     def _exit(self):
         stack = self.stack
-        label, start, inner = stack.pop()
+        label, start, inner, _ = stack.pop()
         elapsed = time.perf_counter() - start
         with self.lock:
             self.totals[label] = self.totals.get(label, 0.0) + elapsed - inner
@@ -405,17 +504,16 @@ class OpProfiler:
 
     @contextmanager
     def active(self):
-        import vitnp.kernels
         import vitnp.model
-        import vitnp.ops
-        import vitnp.threads
 
-        patched = []
         profiler = self
+        ops = self.model.ops
+        patched = []
 
         def module_call(original):
             def __call__(module, *a, **kw):
-                profiler._enter(profiler.paths.get(id(module), type(module).__name__))
+                label = profiler.paths.get(id(module), type(module).__name__)
+                profiler._enter(label, label)
                 try:
                     return original(module, *a, **kw)
                 finally:
@@ -423,10 +521,10 @@ class OpProfiler:
 
             return __call__
 
-        def function_call(original, name):
+        def op_call(original, name):
             def call(*a, **kw):
-                parent = profiler.stack[-1][0] if profiler.stack else ""
-                profiler._enter(f"{parent}: {name}")
+                module_label = profiler.stack[-1][3] if profiler.stack else ""
+                profiler._enter(f"{module_label}: {name}", module_label)
                 try:
                     return original(*a, **kw)
                 finally:
@@ -442,16 +540,11 @@ class OpProfiler:
         for cls in classes:
             patched.append((cls, "__call__", cls.__dict__["__call__"]))
             setattr(cls, "__call__", module_call(cls.__dict__["__call__"]))
-        for mod in (vitnp.ops, vitnp.kernels):
-            for name, value in list(vars(mod).items()):
-                if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == mod.__name__:
-                    if isinstance(value, type):
-                        continue
-                    patched.append((mod, name, value))
-                    setattr(mod, name, function_call(value, name))
-        original_map_batch = vitnp.threads.map_batch  # its exclusive time: the caller waiting for the chunks
-        patched.append((vitnp.threads, "map_batch", original_map_batch))
-        vitnp.threads.map_batch = function_call(original_map_batch, "map_batch")
+        for name in ops.__all__:
+            value = getattr(ops, name)
+            if callable(value) and not isinstance(value, type):
+                patched.append((ops, name, value))
+                setattr(ops, name, op_call(value, name))
         try:
             yield self
         finally:
@@ -461,7 +554,6 @@ class OpProfiler:
 
 def per_op_breakdown(model, x, repeats):
     """(seconds per forward under the profiler, {label: (exclusive seconds per forward, calls per forward)})."""
-    model(x)
     profiler = OpProfiler(model)
     with profiler.active():
         start = time.perf_counter()
@@ -472,29 +564,36 @@ def per_op_breakdown(model, x, repeats):
     return total, ops
 
 
-def print_per_op(row, total, ops):
+def print_per_op(row, engine_name, total, ops):
     batch = row["batch"]
     waiting = {label: ops.pop(label) for label in list(ops) if label.endswith(": map_batch")}
     measured = sum(t for t, _ in ops.values())
-    print(f"\nper-op breakdown of vitnp, {row['model']} batch {batch}, {row['threads']} threads: "
-          f"{1e3 * total / batch:.2f} ms/img under the profiler (exclusive time per label on the thread that ran it, "
-          f"summed over threads: {1e3 * measured / batch:.2f} ms/img)")
-    print("| op | thread ms/img | share | calls/forward |\n|---|---|---|---|")
+    print(f"\nper-op breakdown of {engine_name}, {row['model']} batch {batch}, {row['threads']} threads: "
+          f"{1e3 * total / batch:.2f} ms/image under the profiler (exclusive time per label on the thread that ran "
+          f"it, summed over threads: {1e3 * measured / batch:.2f} ms/image)")
+    print("| op | thread ms/image | share | calls/forward |\n|---|---|---|---|")
     for label, (t, calls) in sorted(ops.items(), key=lambda item: -item[1][0]):
         print(f"| {label} | {1e3 * t / batch:.3f} | {100 * t / measured:.1f}% | {calls} |")
     for label, (t, _) in waiting.items():
-        print(f"(not in the table: {label}, the calling thread waiting for the chunks, {1e3 * t / batch:.3f} ms/img)")
+        print(f"(not in the table: {label}, the calling thread waiting for the batch's chunks, "
+              f"{1e3 * t / batch:.3f} ms/image)")
 
 
-# ----------------------------------------------------------------------------------------------- start-up
+# ----------------------------------------------------------------------------------------------- fresh processes
 
-_STARTUP_CODE = """
+# The start of every fresh vitnp interpreter: the malloc setting the `vitnp` command makes, then the timer.
+_VITNP_PRELUDE = """
 import json, sys, time
 start = time.perf_counter()
 import numpy as np
 import vitnp
+from vitnp.memory import keep_freed_memory
+keep_freed_memory()
+"""
+
+_STARTUP_CODE = _VITNP_PRELUDE + """
 imported = time.perf_counter()
-model = vitnp.create_model(sys.argv[1])
+model = vitnp.create_model(sys.argv[1], backend=sys.argv[2])
 created = time.perf_counter()
 x = np.zeros((1, model.in_chans, *model.img_size), np.float32)
 model(x)
@@ -506,16 +605,15 @@ print(json.dumps(dict(import_s=imported - start, create_s=created - imported, fi
 """
 
 
-def measure_startup(model_name):
+def measure_startup(model_name, backend):
     """Two fresh interpreters sharing one new NUMBA_CACHE_DIR: the first compiles every kernel, the second loads."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="vitnp-numba-cache-") as cache_dir:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
         for state in ("cold", "cached"):
             start = time.perf_counter()
-            out = subprocess.run(
-                [sys.executable, "-c", _STARTUP_CODE, model_name], env=env, capture_output=True, text=True, check=True
-            )
+            out = subprocess.run([sys.executable, "-c", _STARTUP_CODE, model_name, backend], env=env,
+                                 capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["process_s"] = time.perf_counter() - start
             results[state] = result
@@ -523,146 +621,145 @@ def measure_startup(model_name):
 
 
 def print_startup(model_name, results):
-    print(f"\nNumba start-up, {model_name} batch 1 (fresh interpreter, fresh NUMBA_CACHE_DIR for 'cold'):")
-    print("| cache | import vitnp s | create_model s | first forward s | second forward s | whole process s |")
-    print("|---|---|---|---|---|---|")
-    for state, r in results.items():
-        print(
-            f"| {state} | {r['import_s']:.2f} | {r['create_s']:.2f} | {r['first_forward_s']:.2f} "
-            f"| {r['second_forward_s']:.3f} | {r['process_s']:.2f} |"
-        )
-    compile_s = results["cold"]["first_forward_s"] - results["cached"]["first_forward_s"]
-    print(f"cold compile cost (first forward, cold - cached): {compile_s:.2f} s")
+    print(f"\nstart-up, {model_name} batch 1, a fresh interpreter each (cold: a new, empty NUMBA_CACHE_DIR; cached: "
+          f"the same directory, filled by the cold run)")
+    print("| backend | Numba cache | import vitnp s | create_model s | first forward s | second forward s "
+          "| whole process s |\n|---|---|---|---|---|---|---|")
+    for backend, states in results.items():
+        for state, r in states.items():
+            print(f"| {backend} | {state} | {r['import_s']:.2f} | {r['create_s']:.2f} | {r['first_forward_s']:.2f} "
+                  f"| {r['second_forward_s']:.3f} | {r['process_s']:.2f} |")
 
-
-# ----------------------------------------------------------------------------------------------- memory
 
 _MEMORY_CODE = {
-    "vitnp": """
-import vitnp
+    "vitnp": _VITNP_PRELUDE + """
+NAME, NPZ, BATCH, THREADS, DTYPE, BACKEND = sys.argv[1:3] + [int(sys.argv[3]), int(sys.argv[4])] + sys.argv[5:7]
 vitnp.set_num_threads(THREADS)
-report("imports")
-model = vitnp.create_model(NAME, weights=NPZ)  # the .npz is memory-mapped, not read into memory
-x = np.zeros((1, model.in_chans, *model.img_size), np.float32)
-model(x)
+model = vitnp.create_model(NAME, weights=NPZ, dtype=DTYPE, backend=BACKEND)  # the .npz memory-mapped, not read
+model(np.zeros((BATCH, model.in_chans, *model.img_size), DTYPE))
 """,
-    "torch": """
+    "torch eager": """
+import sys
+import numpy as np
 import torch, timm
+NAME, NPZ, BATCH, THREADS, DTYPE = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(THREADS)
-report("imports")
-model = timm.create_model(NAME, pretrained=False).eval()
+model = timm.create_model(NAME, pretrained=False).eval().to(getattr(torch, DTYPE))
 model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(NPZ).items()})
 with torch.inference_mode():
-    model(torch.zeros(1, *model.pretrained_cfg["input_size"]))
+    model(torch.zeros(BATCH, *model.pretrained_cfg["input_size"], dtype=getattr(torch, DTYPE)))
 """,
     "onnxruntime": """
+import sys
+import numpy as np
 import onnxruntime
-report("imports")
+ONNX, BATCH, THREADS = sys.argv[7], int(sys.argv[3]), int(sys.argv[4])
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = THREADS
 session = onnxruntime.InferenceSession(ONNX, options, providers=["CPUExecutionProvider"])
-shape = [1 if isinstance(d, str) else d for d in session.get_inputs()[0].shape]
+shape = [BATCH if isinstance(d, str) else d for d in session.get_inputs()[0].shape]
 session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
 """,
 }
 
-_MEMORY_PRELUDE = """
-import json, sys
-import numpy as np
-NAME, NPZ, ONNX, THREADS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-marks = {}
-def report(mark):  # peak RSS so far, MiB: VmHWM starts afresh at exec (ru_maxrss would carry the parent's peak over)
-    with open("/proc/self/status") as status:
-        marks[mark] = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+# Peak RSS, MiB: VmHWM starts afresh at exec (ru_maxrss would carry the parent's peak over).
+_PEAK_RSS_CODE = """
+with open("/proc/self/status") as status:
+    print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
 """
 
 
-def measure_memory(model_name, state_dict, onnx_path, n_threads, workdir):
-    """Peak RSS (MiB) of a fresh interpreter per engine: after its imports, and after one batch-1 forward."""
+def write_npz(model_name, state_dict, workdir):
+    """The weights as ``vitnp export`` writes them (every array aligned, so vitnp memory-maps them)."""
     from vitnp.weights import save_npz
 
-    npz_path = os.path.join(workdir, f"{model_name}.npz")
-    save_npz(npz_path, state_dict)  # as `vitnp export` writes it: every array aligned and memory-mapped
-    results = {"weights_mib": os.path.getsize(npz_path) / 2**20}
-    for engine in ENGINES:
-        code = _MEMORY_PRELUDE + _MEMORY_CODE[engine.name] + "report('forward')\nprint(json.dumps(marks))\n"
-        argv = [sys.executable, "-c", code, model_name, npz_path, onnx_path or "", str(n_threads)]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True)
-        results[engine.name] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
+    path = os.path.join(workdir, f"{model_name}.npz")
+    save_npz(path, state_dict)
+    return path
 
 
-def print_memory(model_name, results):
-    print(f"\npeak RSS, {model_name} batch 1, fresh interpreter per engine (weights: {results['weights_mib']:.0f} MiB .npz)")
-    print("| engine | after imports MiB | after the first forward MiB |\n|---|---|---|")
-    for engine in ENGINES:
-        marks = results[engine.name]
-        print(f"| {engine.name} | {marks['imports']:.0f} | {marks['forward']:.0f} |")
+_vitnp_children_run = set()  # (model, backend) pairs whose fresh-process kernels are in the Numba cache
+
+
+def measure_memory(engine, model_name, npz_path, onnx_path, batch, n_threads, dtype):
+    """Peak RSS (MiB) of a fresh interpreter that loads the model and runs one forward of ``batch`` images.
+
+    A vitnp interpreter first runs once unmeasured per (model, backend): the memory-mapped, read-only weights need
+    kernels compiled for them, and LLVM's memory would otherwise count in the first figure.
+    """
+    backend = getattr(engine, "backend", "")
+    code = (_MEMORY_CODE["vitnp"] if backend else _MEMORY_CODE[engine.name]) + _PEAK_RSS_CODE
+    argv = [sys.executable, "-c", code, model_name, npz_path, str(batch), str(n_threads), dtype, backend, onnx_path]
+    if backend and (model_name, backend) not in _vitnp_children_run:
+        one_image = argv[:5] + ["1"] + argv[6:]  # the kernels do not depend on the batch size
+        subprocess.run(one_image, capture_output=True, text=True, check=True)
+        _vitnp_children_run.add((model_name, backend))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+def print_environment(args):
+    """Print where and with what the figures are measured; return the measured GEMM peak per thread count."""
+    import numpy as np
+    import torch
+
+    import vitnp
+
+    unset = os.environ.get("VITNP_BENCH_UNSET") or "none were set"
+    print(f"command: python benchmarks/bench_models.py {shlex.join(sys.argv[1:])}")
+    print(f"CPU: {cpu_report()}; load average {load_report()}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, vitnp {vitnp.__version__}, "
+          + package_versions(["torch", "timm", "onnxruntime", "numba"]))
+    print(f"OpenBLAS variables removed for this run: {unset}")
+    print("glibc malloc: vitnp.memory.keep_freed_memory() called in this process (all engines) and in every fresh "
+          "vitnp interpreter, as the vitnp command does")
+    print(f"torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}")
+    print("thread pools (threadpoolctl):")
+    for line in blas_report():
+        print(f"  {line}")
+    print(f"  {numba_report()}")
+    peaks = {}
+    for n in args.threads:
+        vitnp.set_num_threads(n)
+        peaks[n] = gemm_peak()
+    print("measured GEMM peak (float32 2048^3 through NumPy's BLAS): "
+          + ", ".join(f"{n} threads {gflops:.0f} GFLOP/s" for n, gflops in peaks.items()))
+    return peaks
 
 
 def main(argv=None):
     args = parse_args(argv)
     if max(args.threads) > (os.cpu_count() or 1):
         os.environ["NUMBA_NUM_THREADS"] = str(max(args.threads))  # numba.set_num_threads cannot exceed it
-    import numba
-    import numpy as np
-    import torch
+    from vitnp.memory import keep_freed_memory
 
-    import vitnp
-
+    keep_freed_memory()
     workdir = tempfile.mkdtemp(prefix="vitnp-bench-")
-    if not args.no_onnxruntime and OnnxRuntimeEngine.available(args.dtype):
-        ENGINES.append(OnnxRuntimeEngine(workdir))
-    threads = Threads()
-    threads.set(args.threads[0])
-    overrides = [name for name in _OPENBLAS_OVERRIDES if name in os.environ]
-    unset = os.environ.get("VITNP_BENCH_UNSET") or "none were set"
-    print(f"machine: {machine_report()}")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, vitnp {vitnp.__version__}")
-    print(f"OpenBLAS overrides in force: {overrides or 'none'} (unset for this run: {unset})")
-    print(f"torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}")
-    print("thread pools (threadpoolctl):")
-    for line in blas_report():
-        print(f"  {line}")
-    print(f"  {numba_report()}")
-    print(f"engines: {', '.join(engine_versions())}")
-    print(f"measured GEMM peak (float32 2048^3 through NumPy's BLAS): "
-          + ", ".join(f"{n} threads {gemm_peak(n):.0f} GFLOP/s" for n in args.threads))
+    try:
+        gemm_peaks = print_environment(args)
+        engines = make_engines(args, workdir)
+        rows = run_benchmarks(args, engines, workdir)
+        print_summary(rows, args.memory)
+        print("\nthread pools after the run:")
+        for line in blas_report():
+            print(f"  {line}")
+        print(f"  {numba_report()}")
 
-    print(f"\nfp {args.dtype}, median of {args.repeats} alternating repeats after {args.warmup} warm-up forwards")
-    print(format_header())
-    rows = run_benchmarks(args, threads)
+        startup = {}
+        if not args.no_startup:
+            startup_model = args.startup_model or args.models[0]
+            startup = {backend: measure_startup(startup_model, backend) for backend in VITNP_BACKENDS}
+            print_startup(startup_model, startup)
 
-    print("\nthread pools after the run:")
-    for line in blas_report():
-        print(f"  {line}")
-    print(f"  {numba_report()}")
-    print(f"  torch: {torch.get_num_threads()} threads")
-    del numba
-
-    memory = {}
-    if args.memory:
-        onnx_engine = next((e for e in ENGINES if e.name == "onnxruntime"), None)
-        for model_name in args.models:
-            onnx = onnx_engine.paths.get(model_name) if onnx_engine else None
-            memory[model_name] = measure_memory(model_name, build_case(model_name, args.dtype)[1], onnx,
-                                                args.threads[0], workdir)
-            print_memory(model_name, memory[model_name])
-
-    startup = None
-    if not args.no_startup:
-        startup_model = args.startup_model or args.models[0]
-        startup = measure_startup(startup_model)
-        print_startup(startup_model, startup)
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, memory=memory, startup=startup, blas=blas_report(), numba=numba_report()), f,
-                      indent=1)
-    shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(command=sys.argv, cpu=cpu_report(), gemm_peak_gflops=gemm_peaks, rows=rows,
+                               startup=startup, blas=blas_report(), numba=numba_report()), f, indent=1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The `vitnp` command: `list`, and `export` from a timm name or a checkpoint file into an .npz vitnp loads.
+"""The `vitnp` command: `list`, and `export` from a timm name or a checkpoint file into an .npz vitnp loads; malloc's
+tuning before the commands that run a model; `attention` on the reference backend.
 
 Export needs torch + timm; those tests get them through the ``oracle`` fixture (``pytest.importorskip``), so the
 tests of `list` and of the missing-torch error still run where the oracle is not installed.
@@ -8,10 +9,16 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from tolerances import assert_close
 
 import vitnp
+import vitnp.fast.ops as fast_ops
+from vitnp import memory
 from vitnp.cli import main
+from vitnp.demo import MODEL_NAME as DIGITS
+from vitnp.demo import WEIGHTS_PATH as DIGITS_WEIGHTS
+from vitnp.demo import sample_paths
 
 TINY = "vit_tiny_patch16_224"
 
@@ -35,6 +42,16 @@ def assert_one_line_error(status, out, err, *fragments):
     assert err.startswith("vitnp export: error: ") and err.count("\n") == 1, err
     for fragment in fragments:
         assert fragment in err
+
+
+def break_the_fast_backend(monkeypatch):
+    """Make every op of the fast backend raise: a run that succeeds then ran none of them."""
+
+    def fast_op(*args, **kwargs):
+        raise AssertionError("an op of the fast backend ran")
+
+    for name in fast_ops.__all__:
+        monkeypatch.setattr(fast_ops, name, fast_op)
 
 
 def timm_logits(torch, model, x):
@@ -179,3 +196,42 @@ def test_export_pretrained_unavailable_is_one_line(oracle, monkeypatch, tmp_path
     out = tmp_path / "out.npz"
     assert_one_line_error(*export(capsys, TINY, "--pretrained", "-o", out), "pretrained weights", "couldn't connect")
     assert not out.exists()
+
+
+class Tuned(Exception):
+    """Raised by a stand-in for keep_freed_memory: the command got as far as tuning malloc."""
+
+
+@pytest.mark.parametrize("command", [["demo"], ["predict", "x.png", "--model", TINY, "--weights", "w.npz"],
+                                     ["verify", "--model", TINY, "--compare-backends"],
+                                     ["attention", "x.png", "--model", TINY, "-o", "x.png"],
+                                     ["embed", "images", "--model", TINY, "--weights", "w.npz", "--out", "out"]])
+def test_commands_that_run_a_model_tune_malloc_first(command, monkeypatch):
+    def tune():
+        raise Tuned
+
+    monkeypatch.setattr(memory, "keep_freed_memory", tune)
+    with pytest.raises(Tuned):
+        main(command)
+
+
+def test_other_commands_leave_malloc_alone(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1))
+    assert main(["list", "vit_tiny*"]) == 0
+    assert main(["inspect", str(DIGITS_WEIGHTS)]) == 0
+    assert calls == []
+
+
+def test_keep_freed_memory_is_public():
+    assert vitnp.keep_freed_memory is memory.keep_freed_memory and "keep_freed_memory" in vitnp.__all__
+
+
+def test_attention_on_the_reference_backend_draws_the_fast_backend_figure(tmp_path, monkeypatch, capsys):
+    args = ["attention", str(sample_paths()[0]), "--model", DIGITS, "--weights", str(DIGITS_WEIGHTS)]
+    assert main([*args, "-o", str(tmp_path / "fast.png")]) == 0
+    break_the_fast_backend(monkeypatch)
+    assert main([*args, "-o", str(tmp_path / "reference.png"), "--backend", "reference"]) == 0
+    fast, reference = (np.asarray(Image.open(tmp_path / f"{name}.png"), np.int16) for name in ("fast", "reference"))
+    assert fast.shape == reference.shape == (2 * 32 + 4, 4 * 32 + 3 * 4, 3)  # image, mean, 4 heads; 4 columns
+    assert np.abs(fast - reference).max() <= 1  # colours rounded to 8 bits from maps equal to ~1e-6

@@ -14,9 +14,11 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import break_the_fast_backend
 from tolerances import assert_close
 
 import vitnp
+from vitnp.cli import main
 from vitnp.demo import MODEL_NAME, SAMPLES_DIR, WEIGHTS_PATH, load_samples, run_demo, sample_paths
 
 NAME = re.compile(r"^(\d{4})_label(\d)\.png$")
@@ -58,6 +60,19 @@ def test_demo_in_process(capsys):
     assert re.search(r"time: \d+\.\d+ ms per image", out)
     assert result.seconds_per_image > 0
     assert "vitnp export" in out and "create_model('vit_base_patch16_224', weights=" in out
+
+
+def test_demo_on_the_reference_backend_prints_the_same_predictions(monkeypatch, capsys):
+    fast = run_demo(out=io.StringIO())
+    break_the_fast_backend(monkeypatch)
+    assert main(["demo", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per image on the reference backend" in out
+    for name, prediction, probabilities in zip(fast.files, fast.predictions, fast.probabilities):
+        truth, predicted, probability = next(line for line in out.splitlines() if line.startswith(name)).split()[1:4]
+        assert int(predicted) == prediction
+        assert abs(float(probability) - probabilities[prediction]) <= 0.0006  # printed to 3 decimals
+    assert f"accuracy: {int((fast.predictions == fast.labels).sum())}/{len(fast.files)}" in out
 
 
 def test_demo_command_without_torch(tmp_path):

@@ -1,11 +1,14 @@
 """DINO features and runtime position-embedding resampling against PyTorch.
 
-- the 1-D interpolation matrices of vitnp.ops against ``torch.nn.functional.interpolate`` for each variant (timm's
-  antialiased bicubic, DINO's scale_factor bicubic, Hugging Face's size bicubic, torchvision's align_corners);
+- the 1-D interpolation matrices of vitnp.reference.resample against ``torch.nn.functional.interpolate`` for each
+  variant (timm's antialiased bicubic, DINO's scale_factor bicubic, Hugging Face's size bicubic, torchvision's
+  align_corners);
 - ``get_last_selfattention`` / ``get_intermediate_layers`` against DINO's own VisionTransformer (seed 001, written
   out below) at input sizes other than the trained one;
 - ``forward_features`` at other sizes against timm (``dynamic_img_size=True``) and Hugging Face
-  (``interpolate_pos_encoding=True``).
+  (``interpolate_pos_encoding=True``);
+
+on both backends, with every parameter of the torch models drawn by ``oracles.randomise_``.
 """
 
 import math
@@ -14,14 +17,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from oracles import BACKENDS, NoTorchNN, images, in_dtype, needs, numpy_state, optional_import, randomise_, timm_model
+from tolerances import assert_close
 
 import vitnp
 from vitnp.reference import resample as ops
-from tolerances import assert_close
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
+torch = optional_import("torch")
+nn = torch.nn if torch else NoTorchNN
+needs_torch = needs("torch")
 
 
 def _grid(rng, D, gh, gw):
@@ -29,7 +33,7 @@ def _grid(rng, D, gh, gw):
 
 
 def _interpolate(grid, **kwargs):
-    return F.interpolate(torch.from_numpy(grid)[None], mode="bicubic", **kwargs)[0].numpy()
+    return torch.nn.functional.interpolate(torch.from_numpy(grid)[None], mode="bicubic", **kwargs)[0].numpy()
 
 
 # ---- the interpolation matrices (float64, torch's own float64 kernels) -----------------------------------------------
@@ -37,6 +41,7 @@ def _interpolate(grid, **kwargs):
 sizes = st.integers(1, 24)
 
 
+@needs_torch
 @given(sizes, sizes, sizes, sizes)
 def test_bicubic_size_matrix_equals_torch(gh, gw, nh, nw):
     grid = _grid(np.random.default_rng(gh * 31 + gw), 2, gh, gw)
@@ -44,6 +49,7 @@ def test_bicubic_size_matrix_equals_torch(gh, gw, nh, nw):
     assert_close(ops.resample_pos_embed(grid, (nh, nw), "hf"), expected, "kernel")
 
 
+@needs_torch
 @given(sizes, sizes, sizes, sizes)
 def test_bicubic_align_corners_matrix_equals_torch(gh, gw, nh, nw):
     grid = _grid(np.random.default_rng(gh * 31 + gw), 2, gh, gw)
@@ -52,6 +58,7 @@ def test_bicubic_align_corners_matrix_equals_torch(gh, gw, nh, nw):
     assert_close(actual, expected, "kernel")
 
 
+@needs_torch
 @given(sizes, sizes, sizes, sizes)
 def test_dino_scale_factor_matrix_equals_torch(gh, gw, nh, nw):
     grid = _grid(np.random.default_rng(gh * 31 + gw), 2, gh, gw)
@@ -62,6 +69,7 @@ def test_dino_scale_factor_matrix_equals_torch(gh, gw, nh, nw):
 
 # torch 2.14's antialiased bicubic gives other values (outside the input's range) when the output width is 1 and the
 # height is upsampled (found here, every such case of sizes <= 6): a torch quirk, not the PIL filter; not followed.
+@needs_torch
 @given(sizes, sizes, sizes, st.integers(2, 24))
 def test_antialiased_bicubic_matrix_equals_torch(gh, gw, nh, nw):
     grid = _grid(np.random.default_rng(gh * 31 + gw), 2, gh, gw)
@@ -70,6 +78,7 @@ def test_antialiased_bicubic_matrix_equals_torch(gh, gw, nh, nw):
     assert_close(actual, expected, "kernel")
 
 
+@needs("torch", "timm")
 def test_timm_resampler_runs_in_float32_like_timm():
     from timm.layers import resample_abs_pos_embed
 
@@ -169,7 +178,7 @@ class DinoVisionTransformer(nn.Module):
         w0 = w // self.patch_embed.patch_size
         h0 = h // self.patch_embed.patch_size
         w0, h0 = w0 + 0.1, h0 + 0.1
-        patch_pos_embed = F.interpolate(
+        patch_pos_embed = torch.nn.functional.interpolate(
             patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
             scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
             mode="bicubic",
@@ -211,23 +220,22 @@ class DinoVisionTransformer(nn.Module):
 DINO_SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4)
 
 
-def _dino_pair(dtype):
-    torch.manual_seed(0)
-    reference = DinoVisionTransformer(**DINO_SMALL).eval().to(torch.float64 if dtype == np.float64 else torch.float32)
-    with torch.no_grad():
-        for p in reference.parameters():  # non-trivial norms and biases
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-    args = {k: v for k, v in DINO_SMALL.items() if k != "patch_size"}
-    model = vitnp.create_model("dino_vits8", weights=state, dtype=dtype, **args)
+DINO_ARGS = {k: v for k, v in DINO_SMALL.items() if k != "patch_size"}  # dino_vits8 fixes the patch size
+
+
+def _dino_pair(dtype, backend="fast"):
+    reference = in_dtype(randomise_(DinoVisionTransformer(**DINO_SMALL)).eval(), dtype)
+    model = vitnp.create_model("dino_vits8", weights=numpy_state(reference), dtype=dtype, backend=backend, **DINO_ARGS)
     return reference, model
 
 
+@needs_torch
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [(32, 32), (48, 40), (45, 61), (16, 30), (32, 40)])
-def test_dino_attention_and_intermediates_equal_dino_code(dtype, size):
-    reference, model = _dino_pair(dtype)
-    x = np.random.default_rng(sum(size)).standard_normal((2, 3, *size)).astype(dtype)
+def test_dino_attention_and_intermediates_equal_dino_code(dtype, size, backend):
+    reference, model = _dino_pair(dtype, backend)
+    x = images((2, 3, *size), dtype, seed=sum(size))
     with torch.no_grad():
         expected_attn = reference.get_last_selfattention(torch.from_numpy(x)).numpy()
         expected_layers = [y.numpy() for y in reference.get_intermediate_layers(torch.from_numpy(x), n=2)]
@@ -254,11 +262,13 @@ def test_dino_names_registered():
         assert model.cfg.pos_embed_resample == "dino"
 
 
+@needs("torch", "timm")
 def test_dino_names_have_timm_dino_architectures():
-    timm_ = pytest.importorskip("timm")
+    import timm
+
     for name, timm_name in [("dino_vits16", "vit_small_patch16_224"), ("dino_vitb8", "vit_base_patch8_224")]:
         with torch.device("meta"):
-            reference = timm_.create_model(timm_name, pretrained=False, num_classes=0, depth=2)
+            reference = timm.create_model(timm_name, pretrained=False, num_classes=0, depth=2)
         model = vitnp.create_model(name, depth=2)
         assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == [
             (k, tuple(v.shape)) for k, v in reference.state_dict().items()]
@@ -274,29 +284,23 @@ def test_intermediate_layers_bad_n():
 
 # ---- timm dynamic_img_size and its forward_intermediates / get_intermediate_layers ----------------------------------
 
-timm = pytest.importorskip("timm")
-
-
-def _timm_pair(dtype, **extra):
-    torch.manual_seed(1)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=5, **extra)
-    reference = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True, **kwargs).eval()
-    reference = reference.to(torch.float64 if dtype == np.float64 else torch.float32)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-    model = vitnp.create_model("vit_tiny_patch16_224", weights=state, dtype=dtype,
-                               **{k: v for k, v in kwargs.items() if k != "num_classes"})
+def _timm_pair(dtype, backend="fast"):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4)
+    reference = in_dtype(timm_model("vit_tiny_patch16_224", seed=1, dynamic_img_size=True, num_classes=5, **kwargs),
+                         dtype)
+    model = vitnp.create_model("vit_tiny_patch16_224", weights=numpy_state(reference), dtype=dtype, backend=backend,
+                               **kwargs)
     return reference, model
 
 
+@needs("torch", "timm")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [(48, 40), (24, 64)])
-def test_timm_dynamic_img_size_equals_vitnp(dtype, size):
-    reference, model = _timm_pair(dtype)
+def test_timm_dynamic_img_size_equals_vitnp(dtype, size, backend):
+    reference, model = _timm_pair(dtype, backend)
     assert model.weights_origin == "timm-vit" and model.cfg.pos_embed_resample == "timm"
-    x = np.random.default_rng(3).standard_normal((2, 3, *size)).astype(dtype)
+    x = images((2, 3, *size), dtype, seed=3)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
         final, inter = reference.forward_intermediates(torch.from_numpy(x), indices=2, norm=True)
@@ -309,9 +313,11 @@ def test_timm_dynamic_img_size_equals_vitnp(dtype, size):
         assert_close(actual, exp.numpy(), "model", np.float32)
 
 
-def test_native_size_forward_trace_and_distilled():
-    reference, model = _timm_pair(np.float64)
-    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32))
+@needs("torch", "timm")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_size_forward_trace(backend):
+    reference, model = _timm_pair(np.float64, backend)
+    x = images((1, 3, 32, 32), np.float64, seed=4)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
         expected_tokens = reference.forward_features(torch.from_numpy(x)).numpy()
@@ -324,20 +330,19 @@ def test_native_size_forward_trace_and_distilled():
 # ---- Hugging Face ViT with interpolate_pos_encoding -----------------------------------------------------------------
 
 
-def test_hf_vit_interpolate_pos_encoding_equals_vitnp():
-    transformers = pytest.importorskip("transformers")
+@needs("torch", "transformers")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hf_vit_interpolate_pos_encoding_equals_vitnp(backend):
+    import transformers
+
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, intermediate_size=192, layer_norm_eps=1e-6)
-    torch.manual_seed(2)
-    reference = transformers.ViTModel(config, add_pooling_layer=False).eval().double()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-    model = vitnp.create_model("vit_tiny_patch16_224", weights=state, dtype=np.float64, img_size=32, patch_size=8,
-                               embed_dim=48, depth=2, num_heads=4, norm_eps=1e-6)
+    reference = randomise_(transformers.ViTModel(config, add_pooling_layer=False), seed=2).eval().double()
+    model = vitnp.create_model("vit_tiny_patch16_224", weights=numpy_state(reference), dtype=np.float64,
+                               backend=backend, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                               norm_eps=1e-6)
     assert model.cfg.pos_embed_resample == "hf"
-    x = np.random.default_rng(5).standard_normal((1, 3, 40, 56))
+    x = images((1, 3, 40, 56), np.float64, seed=5)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x), interpolate_pos_encoding=True).last_hidden_state.numpy()
     assert_close(model.forward_features(x), expected, "model")
@@ -358,6 +363,7 @@ def _dino_threshold(attentions, threshold):
     return th_attn.numpy()
 
 
+@needs_torch
 def test_threshold_mask_equals_dino():
     from vitnp.attention_map import threshold_mask
 
@@ -366,11 +372,13 @@ def test_threshold_mask_equals_dino():
     np.testing.assert_array_equal(threshold_mask(maps, 0.6), expected)
 
 
-def test_attention_rollout_equals_torch_written_rollout():
+@needs_torch
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_rollout_equals_torch_written_rollout(backend):
     from vitnp.attention_map import attention_rollout
 
-    reference, model = _dino_pair(np.float64)
-    x = np.random.default_rng(7).standard_normal((1, 3, 40, 48))
+    reference, model = _dino_pair(np.float64, backend)
+    x = images((1, 3, 40, 48), np.float64, seed=7)
     attns = []
     hooks = [blk.attn.register_forward_hook(lambda m, i, o: attns.append(o[1])) for blk in reference.blocks]
     with torch.no_grad():
@@ -391,10 +399,9 @@ def test_attention_png_is_written_and_opens(tmp_path, capsys):
     from vitnp import cli
     from vitnp.weights import save_npz
 
-    _, model = _dino_pair(np.float32)
+    model = vitnp.create_model("dino_vits8", **DINO_ARGS)
     weights = tmp_path / "dino.npz"
-    args = {k: v for k, v in DINO_SMALL.items() if k != "patch_size"}
-    save_npz(weights, model.state_dict(), args)
+    save_npz(weights, model.state_dict(), DINO_ARGS)
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(8).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image)
     for extra in ([], ["--image-size", "44", "--threshold", "0.6"], ["--rollout"]):

@@ -1,5 +1,6 @@
 """``vitnp embed``: a LocalCluster of 2 worker processes against the in-process run, bit for bit; a worker killed
-mid-shard; resuming after an interruption; the command line; fsspec sources; the errors a user can make."""
+mid-shard; resuming after an interruption; the command line; fsspec sources; the errors a user can make; the
+reference backend in this process and on the workers, and a folder of one backend refused to the other."""
 
 import json
 import os
@@ -8,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import break_the_fast_backend
 from tolerances import assert_close
 
-from vitnp import cli
+from vitnp import cli, memory
 from vitnp import embed as embed_module
 from vitnp.embed import embed, list_images, read_output
 from vitnp.preprocess import preprocess
@@ -255,3 +257,66 @@ def test_clear_errors(collection, reference, tmp_path, capsys):
     with pytest.raises(ValueError, match="neither a folder, an image, a text file of paths nor a glob"):
         embed(str(tmp_path / "nowhere"), MODEL, weights, tmp_path / "o4", workers=0)
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+
+
+# ---- the backends ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend_runs(collection, tmp_path_factory):
+    """24 images (a text file listing them) embedded in this process on the fast backend, then on the reference
+    backend with every fast op made to raise and malloc's tuning counted: (listing, fast DIR, reference DIR, the
+    number of keep_freed_memory calls of the reference run)."""
+    images, weights, readable = collection
+    root = tmp_path_factory.mktemp("backends")
+    listing = root / "list.txt"
+    listing.write_text("\n".join(readable[:24]) + "\n")
+    embed(str(listing), MODEL, weights, root / "fast", shard_size=SHARD_SIZE, workers=0, progress=False)
+    calls = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        break_the_fast_backend(monkeypatch)
+        monkeypatch.setattr(embed_module, "_FREED_MEMORY_KEPT", False)  # as in a new process
+        monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1))
+        result = embed(str(listing), MODEL, weights, root / "reference", shard_size=SHARD_SIZE, workers=0,
+                       progress=False, backend="reference")
+    assert result["computed"] == [0, 1] and result["failed"] == []
+    return listing, root / "fast", root / "reference", len(calls)
+
+
+def test_reference_backend_in_process_agrees_with_the_fast_backend(backend_runs):
+    _, fast, reference, malloc_calls = backend_runs
+    assert malloc_calls == 1  # once for the process, not once per shard
+    assert json.loads((reference / "_manifest.json").read_text())["config"]["backend"] == "reference"
+    fast_paths, fast_features = features_of(fast)
+    reference_paths, reference_features = features_of(reference)
+    assert reference_paths == fast_paths
+    assert not np.array_equal(reference_features, fast_features)  # two computations, apart in the last bits
+    assert_close(reference_features, fast_features, "model")
+
+
+def test_reference_backend_reaches_the_workers(backend_runs, collection, client, tmp_path):
+    listing, _, reference, _ = backend_runs
+    out = tmp_path / "out"
+    result = embed(str(listing), MODEL, str(collection[1]), out, shard_size=SHARD_SIZE, client=client,
+                   progress=False, backend="reference")
+    assert result["failed"] == []
+    assert read_output(out).equals(read_output(reference))  # bit for bit: the workers ran the reference backend
+
+    def malloc_tuned():
+        from vitnp import embed
+
+        return os.getpid(), embed._FREED_MEMORY_KEPT
+
+    tuned = dict(client.run(malloc_tuned).values())
+    workers = {int(s["worker"].rsplit(":", 1)[1]) for s in json.loads((out / "_manifest.json").read_text())["shards"]}
+    assert workers <= set(tuned) and all(tuned[pid] for pid in workers)
+
+
+def test_a_folder_written_on_one_backend_is_not_resumed_on_the_other(backend_runs, collection, capsys):
+    listing, _, reference, _ = backend_runs
+    before = sorted(os.listdir(reference))
+    assert cli.main(["embed", str(listing), "--model", MODEL, "--weights", str(collection[1]), "--out",
+                     str(reference), "--shard-size", str(SHARD_SIZE), "--workers", "0", "--backend", "fast"]) == 1
+    err = capsys.readouterr().err
+    assert "holds the output of another configuration (backend 'reference' there, 'fast' now)" in err
+    assert sorted(os.listdir(reference)) == before

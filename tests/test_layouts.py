@@ -2,7 +2,8 @@
 users save it (state_dict .pth, save_pretrained folder, safetensors, training checkpoints), loaded through
 ``vitnp.create_model(name, weights=...)`` and compared with the source model's own output (fp32 'model' tolerance
 of tests/tolerances.py). The real torchvision builders (vit_b_16 ... vit_h_14, swin_t / s / b) are checked on the
-meta device: converted keys and shapes equal timm's, and the architecture guess names the timm model.
+meta device: converted keys and shapes equal timm's, and the architecture guess names the timm model. Every parameter
+and BatchNorm statistic of the source models is drawn by ``oracles.randomise_``, so that each one counts.
 """
 
 import argparse
@@ -12,20 +13,23 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import images, needs, optional_import, randomise_
+from tolerances import assert_close
 
 import vitnp
-from tolerances import assert_close
 from vitnp import layouts, registry
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
+torch = optional_import("torch")
+timm = optional_import("timm")
+needs_torch = needs("torch")
+needs_timm = needs("torch", "timm")
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 TINY_SWIN = dict(img_size=56, embed_dim=16, depths=(2, 2), num_heads=(2, 4))  # stage maps 14x14 (shifted) and 7x7
 
 
 def _images(size, batch=2, chans=3, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, chans, size, size)).astype(np.float32)
+    return images((batch, chans, size, size), seed=seed)
 
 
 def _run(module, x, **kwargs):
@@ -40,26 +44,10 @@ def _check(actual, expected):
     assert_close(actual, expected, "model", np.float32)
 
 
-def _randomise_norms(module):
-    """LayerNorm / BatchNorm affine parameters and running statistics away from their 1 / 0 defaults, and
-    zero-initialised parameters (torchvision's head, biases) random, so that each one counts in the comparison."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-        for m in module.modules():
-            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 # ---------------------------------------------------------------------------------------------------- torchvision
 
 
+@needs_torch
 @settings(max_examples=4)
 @given(
     heads=st.sampled_from([1, 2, 4]),
@@ -70,11 +58,10 @@ def _randomise_norms(module):
 def test_torchvision_vit(tmp_path_factory, heads, depth, representation_size, num_classes):
     """torchvision VisionTransformer (heads.pre_logits + Tanh -> pre_logits.fc, seed 002's representation layer)."""
     torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
     source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=depth, num_heads=heads,
                                                   hidden_dim=32, mlp_dim=64, num_classes=num_classes,
                                                   representation_size=representation_size).eval()
-    _randomise_norms(source)
+    randomise_(source)
     path = tmp_path_factory.mktemp("tv") / "vit.pth"
     torch.save(source.state_dict(), path)
     model = vitnp.create_model("vit_tiny_patch16_224", weights=path, **{**TINY_VIT, "depth": depth,
@@ -95,6 +82,7 @@ def _shape_dict(module):
     return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in module.state_dict().items()}
 
 
+@needs_timm
 @pytest.mark.parametrize("builder, timm_name", [*TV_VIT.items(), *TV_SWIN.items()])
 def test_torchvision_builders_map_onto_timm(builder, timm_name):
     torchvision = pytest.importorskip("torchvision")
@@ -108,12 +96,12 @@ def test_torchvision_builders_map_onto_timm(builder, timm_name):
     assert timm_name in layouts.guess_models(checkpoint, registry.family_tables(checkpoint.layout.family))
 
 
+@needs_torch
 def test_torchvision_swin(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
     source = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                                 window_size=[7, 7], num_classes=5).eval()
-    _randomise_norms(source)
+    randomise_(source)
     torch.save(source.state_dict(), tmp_path / "swin.pth")
     model = vitnp.create_model("swin_tiny_patch4_window7_224", weights=tmp_path / "swin.pth", **TINY_SWIN)
     x = _images(56)
@@ -129,12 +117,12 @@ def _hf_vit_config(transformers, cls=None, **kwargs):
                       patch_size=8, num_labels=5, **kwargs)
 
 
+@needs_torch
 def test_hf_vit_for_image_classification_hub_folder_and_5x_safetensors(tmp_path):
     """save_pretrained writes the 4.x / Hub names; state_dict() has the 5.x names (saved here as safetensors)."""
     transformers = pytest.importorskip("transformers")
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    torch.manual_seed(0)
-    source = _randomise_norms(transformers.ViTForImageClassification(_hf_vit_config(transformers)).eval())
+    source = randomise_(transformers.ViTForImageClassification(_hf_vit_config(transformers)).eval())
     x = _images(32)
     expected = _run(source, x, pixel_values=torch.from_numpy(x)).logits
     source.save_pretrained(tmp_path / "hub")
@@ -149,13 +137,13 @@ def test_hf_vit_for_image_classification_hub_folder_and_5x_safetensors(tmp_path)
     _check(model(x), expected)
 
 
+@needs_torch
 @pytest.mark.parametrize("pooler", [True, False])
 def test_hf_vit_model(tmp_path, pooler):
     """ViTModel: pooler.dense + Tanh is the representation layer; without a pooler, the normed class token."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
     source = transformers.ViTModel(_hf_vit_config(transformers), add_pooling_layer=pooler).eval()
-    _randomise_norms(source)
+    randomise_(source)
     source.save_pretrained(tmp_path)
     model = vitnp.create_model("vit_small_patch16_224", weights=tmp_path)
     x = _images(32)
@@ -164,11 +152,11 @@ def test_hf_vit_model(tmp_path, pooler):
     _check(model.forward_features(x), out.last_hidden_state)
 
 
+@needs_torch
 def test_hf_deit_with_teacher(tmp_path):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
     source = transformers.DeiTForImageClassificationWithTeacher(_hf_vit_config(transformers, "deit")).eval()
-    _randomise_norms(source)
+    randomise_(source)
     x = _images(32)
     expected = _run(source, x, pixel_values=torch.from_numpy(x)).logits  # mean of the two heads
     source.save_pretrained(tmp_path)
@@ -181,10 +169,10 @@ def test_hf_deit_with_teacher(tmp_path):
 def _hf_swin(transformers, cls):
     config = transformers.SwinConfig(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                      window_size=7, num_labels=5)
-    torch.manual_seed(0)
-    return _randomise_norms(getattr(transformers, cls)(config).eval())
+    return randomise_(getattr(transformers, cls)(config).eval())
 
 
+@needs_torch
 def test_hf_swin_for_image_classification(tmp_path):
     transformers = pytest.importorskip("transformers")
     source = _hf_swin(transformers, "SwinForImageClassification")
@@ -196,6 +184,7 @@ def test_hf_swin_for_image_classification(tmp_path):
     _check(model(x), expected)
 
 
+@needs_torch
 def test_hf_swin_model_headless(tmp_path):
     transformers = pytest.importorskip("transformers")
     source = _hf_swin(transformers, "SwinModel")
@@ -206,14 +195,14 @@ def test_hf_swin_model_headless(tmp_path):
     _check(model(x), _run(source, x, pixel_values=torch.from_numpy(x)).pooler_output)
 
 
+@needs_torch
 def test_hf_mobilevit(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.MobileViTConfig(hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
                                           expand_ratio=2.0, num_labels=5, image_size=64)  # mobilevit_xxs
-    torch.manual_seed(0)
-    source = _randomise_norms(transformers.MobileViTForImageClassification(config).eval())
+    source = randomise_(transformers.MobileViTForImageClassification(config).eval())
     source.save_pretrained(tmp_path)
-    info = layouts.describe(tmp_path)
+    info = layouts.describe(tmp_path, registry.family_tables)
     assert info["layout"] == "hf-mobilevit" and info["models"] == ["mobilevit_xxs"]
     model = vitnp.create_model("mobilevit_xxs", weights=tmp_path)
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
@@ -223,19 +212,20 @@ def test_hf_mobilevit(tmp_path):
 # ------------------------------------------------------------------------------------------- DINO, original Swin
 
 
+@needs_timm
 def test_dino_training_checkpoint(tmp_path):
     """{'teacher': MultiCropWrapper, 'student': DDP(MultiCropWrapper), 'args', ...}: the teacher backbone loads, the
     DINO projection head is dropped, and the model is headless."""
     torch.manual_seed(0)
     backbone = timm.create_model("vit_small_patch16_224", num_classes=0, **TINY_VIT).eval()
-    _randomise_norms(backbone)
+    randomise_(backbone)
     dino_head = {"head.mlp.0.weight": torch.randn(64, 32), "head.mlp.0.bias": torch.zeros(64),
                  "head.last_layer.weight_g": torch.ones(1, 16), "head.last_layer.weight_v": torch.randn(100, 16)}
     teacher = {**{"backbone." + k: v for k, v in backbone.state_dict().items()}, **dino_head}
     student = {"module." + k: v + 1 for k, v in teacher.items()}
     torch.save({"student": student, "teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch="vit_small"),
                 "dino_loss": {"center": torch.zeros(1, 100)}}, tmp_path / "checkpoint.pth")
-    info = layouts.describe(tmp_path / "checkpoint.pth")
+    info = layouts.describe(tmp_path / "checkpoint.pth", registry.family_tables)
     assert info["layout"] == "timm-vit" and any("DINO head" in note for note in info["notes"])
     model = vitnp.create_model("vit_small_patch16_224", weights=tmp_path / "checkpoint.pth", **TINY_VIT)
     assert model.num_classes == 0
@@ -257,11 +247,11 @@ def _original_swin_state(reference):
     return state
 
 
+@needs_timm
 def test_original_swin_checkpoint(tmp_path):
     from timm.models.swin_transformer import checkpoint_filter_fn
 
-    torch.manual_seed(0)
-    reference = _randomise_norms(timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, **TINY_SWIN).eval())
+    reference = randomise_(timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, **TINY_SWIN).eval())
     original = _original_swin_state(reference)
     assert "layers.0.downsample.reduction.weight" in original and any(k.endswith("attn_mask") for k in original)
     filtered = checkpoint_filter_fn(original, reference)  # timm's own reading of the original layout is the oracle
@@ -276,6 +266,7 @@ def test_original_swin_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------------- errors
 
 
+@needs_torch
 def test_weights_of_another_architecture_fail_clearly(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
@@ -288,6 +279,7 @@ def test_weights_of_another_architecture_fail_clearly(tmp_path):
         vitnp.create_model("lucidrains_vit_patch32_256", weights=tmp_path / "vit.pth")
 
 
+@needs_timm
 def test_suggests_the_registered_names_that_fit():
     with torch.device("meta"):
         source = timm.create_model("swin_tiny_patch4_window7_224")
@@ -306,6 +298,7 @@ def test_unknown_layout_lists_what_was_looked_for():
         assert layout.name in message and layout.sentinels[0][0] in message
 
 
+@needs_timm
 def test_detect_layout_names():
     with torch.device("meta"):
         vit = timm.create_model("vit_tiny_patch16_224")

@@ -1,24 +1,29 @@
 """The notes' hand-built ViTs (seeds 000 and 003) and lucidrains vit_pytorch.ViT against their PyTorch code.
 
 The seeds' PyTorch classes are written out below as the posts give them (dropout layers kept; they are inert in
-eval mode). Each model gets random weights in its own code, is saved with ``torch.save(model.state_dict())`` as its
-users do, loaded through ``vitnp.create_model(name, weights=path)`` and compared on logits; shapes and options are
-drawn by Hypothesis from small configs.
+eval mode). Each model gets random values for every parameter (``oracles.randomise_``: LayerNorm affines and biases
+too), is saved with ``torch.save(model.state_dict())`` as its users do, loaded through
+``vitnp.create_model(name, weights=path)`` on each backend and compared on logits; shapes and options are drawn by
+Hypothesis from small configs. The registered defaults are compared in tests/test_models.py.
 """
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import vitnp
+from oracles import BACKENDS, NoTorchNN, images, in_dtype, needs, numpy_state, optional_import, randomise_
 from tolerances import assert_close
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
+import vitnp
 
-# nn.TransformerEncoder warns that norm_first layers cannot use its nested-tensor fast path: irrelevant here.
-pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+torch = optional_import("torch")
+nn = torch.nn if torch else NoTorchNN
+
+pytestmark = [
+    needs("torch"),  # every test here compares with the posts' PyTorch code
+    # nn.TransformerEncoder warns that norm_first layers cannot use its nested-tensor fast path: irrelevant here.
+    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+]
 
 
 # ---------------------------------------------------------------------------------------------------- seed 000
@@ -197,14 +202,14 @@ def _saved(tmp_path_factory, module):
     return path
 
 
-def _images(batch, chans, size, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, chans, size, size)).astype(np.float32))
+def _images(batch, chans, size, dtype=np.float32):
+    return torch.from_numpy(images((batch, chans, size, size), dtype))
 
 
 def _check(model, reference, x, dtype=np.float32):
     with torch.no_grad():
         expected = reference(x).numpy()
-    actual = model(x.numpy().astype(dtype))
+    actual = model(x.numpy())
     assert actual.dtype == dtype
     assert np.abs(expected).max() > 1e-2  # something to compare
     assert_close(actual, expected, "model", dtype)
@@ -213,6 +218,7 @@ def _check(model, reference, x, dtype=np.float32):
 # ---------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=6)
 @given(
     patch_size=st.sampled_from([4, 8]),
@@ -224,33 +230,36 @@ def _check(model, reference, x, dtype=np.float32):
     batch=st.integers(1, 2),
 )
 def test_seed000_prenorm_vit_matches_its_torch_code(tmp_path_factory, patch_size, grid, in_chans, heads, depth, pool,
-                                                    batch):
-    torch.manual_seed(0)
+                                                    batch, backend):
     dim = 32  # the seed's to_out is Linear(dim, heads * head_dim): it runs only when the two are equal
     img = patch_size * grid
-    reference = VIT(num_classes=5, img_size=img, patch_size=patch_size, in_channels=in_chans, embed_dim=dim,
-                    depth=depth, heads=heads, head_dim=dim // heads, mlp_hidden_dim=48, pool=pool).eval()
+    reference = randomise_(VIT(num_classes=5, img_size=img, patch_size=patch_size, in_channels=in_chans,
+                               embed_dim=dim, depth=depth, heads=heads, head_dim=dim // heads, mlp_hidden_dim=48,
+                               pool=pool)).eval()
     path = _saved(tmp_path_factory, reference)
-    model = vitnp.create_model("notes_prenorm_vit_patch32_256", weights=path, img_size=img, patch_size=patch_size,
-                               in_chans=in_chans, embed_dim=dim, depth=depth, num_heads=heads, head_dim=dim // heads,
-                               mlp_hidden_dim=48, pool=pool)
+    model = vitnp.create_model("notes_prenorm_vit_patch32_256", weights=path, backend=backend, img_size=img,
+                               patch_size=patch_size, in_chans=in_chans, embed_dim=dim, depth=depth, num_heads=heads,
+                               head_dim=dim // heads, mlp_hidden_dim=48, pool=pool)
     assert model.num_classes == 5  # from the weights' mlp_head
     _check(model, reference, _images(batch, in_chans, img))
 
 
-def test_seed000_float64_and_identity_to_out():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed000_float64_and_identity_to_out(backend):
     """heads=1 and head_dim=dim: the seed's to_out is Identity, and the model has no to_out keys."""
-    torch.manual_seed(1)
     reference = VIT(num_classes=3, img_size=16, patch_size=8, embed_dim=16, depth=2, heads=1, head_dim=16,
-                    mlp_hidden_dim=24).eval().double()
-    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+                    mlp_hidden_dim=24)
+    reference = in_dtype(randomise_(reference, seed=1).eval(), np.float64)
+    state = numpy_state(reference)
     assert not any("to_out" in k for k in state)
-    model = vitnp.create_model("notes_prenorm_vit_patch32_256", weights=state, dtype=np.float64, img_size=16,
-                               patch_size=8, embed_dim=16, depth=2, num_heads=1, head_dim=16, mlp_hidden_dim=24)
+    model = vitnp.create_model("notes_prenorm_vit_patch32_256", weights=state, dtype=np.float64, backend=backend,
+                               img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=1, head_dim=16,
+                               mlp_hidden_dim=24)
     assert list(model.state_dict()) == list(state)  # same keys, in torch's order
-    _check(model, reference, _images(2, 3, 16).double(), np.float64)
+    _check(model, reference, _images(2, 3, 16, np.float64), np.float64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=6)
 @given(
     patch_size=st.sampled_from([4, 7]),
@@ -262,13 +271,13 @@ def test_seed000_float64_and_identity_to_out():
     batch=st.integers(1, 2),
 )
 def test_seed003_torch_encoder_vit_matches_its_torch_code(tmp_path_factory, patch_size, grid, in_chans, heads,
-                                                          depth, expansion, batch):
-    torch.manual_seed(0)
+                                                          depth, expansion, batch, backend):
     img = patch_size * grid
-    reference = ViT(image_size=img, in_channels=in_chans, embed_dim=32, patch_size=patch_size, num_layers=1,
-                    num_heads=heads, num_encoders=depth, num_classes=6, expansion=expansion, dropout=0.1).eval()
+    reference = randomise_(ViT(image_size=img, in_channels=in_chans, embed_dim=32, patch_size=patch_size,
+                               num_layers=1, num_heads=heads, num_encoders=depth, num_classes=6, expansion=expansion,
+                               dropout=0.1)).eval()
     path = _saved(tmp_path_factory, reference)
-    model = vitnp.create_model("notes_torch_encoder_vit_patch7_28", weights=path, img_size=img,
+    model = vitnp.create_model("notes_torch_encoder_vit_patch7_28", weights=path, backend=backend, img_size=img,
                                patch_size=patch_size, in_chans=in_chans, embed_dim=32, depth=depth, num_heads=heads,
                                mlp_ratio=expansion)
     assert list(model.state_dict()) == list(reference.state_dict())
@@ -276,14 +285,15 @@ def test_seed003_torch_encoder_vit_matches_its_torch_code(tmp_path_factory, patc
 
 
 def test_seed003_example_config_is_the_registry_default():
-    """The registered name is the post's example: ViT(28, 1, 100, 7, 1, 1, 1, 10, 4, 0.1)."""
-    torch.manual_seed(2)
-    reference = ViT(image_size=28, in_channels=1, embed_dim=100, patch_size=7, num_layers=1, num_heads=1,
-                    num_encoders=1, num_classes=10, expansion=4, dropout=0.1).eval()
+    """The registered name is the post's example: ViT(28, 1, 100, 7, 1, 1, 1, 10, 4, 0.1), loaded from the torch
+    state_dict itself (tensors, not arrays)."""
+    reference = randomise_(ViT(image_size=28, in_channels=1, embed_dim=100, patch_size=7, num_layers=1, num_heads=1,
+                               num_encoders=1, num_classes=10, expansion=4, dropout=0.1), seed=2).eval()
     model = vitnp.create_model("notes_torch_encoder_vit_patch7_28", weights=reference.state_dict())
     _check(model, reference, _images(4, 1, 28))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=6)
 @given(
     patch_size=st.sampled_from([4, 8]),
@@ -295,16 +305,16 @@ def test_seed003_example_config_is_the_registry_default():
     pool=st.sampled_from(["cls", "mean"]),
 )
 def test_lucidrains_vit_matches_vit_pytorch(tmp_path_factory, patch_size, grid, channels, heads, dim_head, depth,
-                                            pool):
+                                            pool, backend):
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    torch.manual_seed(0)
     img = patch_size * grid
-    reference = vit_pytorch.ViT(image_size=img, patch_size=patch_size, num_classes=5, dim=24, depth=depth,
-                                heads=heads, mlp_dim=40, pool=pool, channels=channels, dim_head=dim_head).eval()
+    reference = randomise_(vit_pytorch.ViT(image_size=img, patch_size=patch_size, num_classes=5, dim=24, depth=depth,
+                                           heads=heads, mlp_dim=40, pool=pool, channels=channels,
+                                           dim_head=dim_head)).eval()
     path = _saved(tmp_path_factory, reference)
-    model = vitnp.create_model("lucidrains_vit_patch32_256", weights=path, img_size=img, patch_size=patch_size,
-                               in_chans=channels, embed_dim=24, depth=depth, num_heads=heads, head_dim=dim_head,
-                               mlp_dim=40)
+    model = vitnp.create_model("lucidrains_vit_patch32_256", weights=path, backend=backend, img_size=img,
+                               patch_size=patch_size, in_chans=channels, embed_dim=24, depth=depth, num_heads=heads,
+                               head_dim=dim_head, mlp_dim=40)
     assert model.cfg.pool == pool  # read from the weights: vit_pytorch keeps a class token only for pool='cls'
     assert list(model.state_dict()) == list(reference.state_dict())
     _check(model, reference, _images(2, channels, img))
@@ -312,9 +322,8 @@ def test_lucidrains_vit_matches_vit_pytorch(tmp_path_factory, patch_size, grid, 
 
 def test_lucidrains_headless_returns_every_token():
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    torch.manual_seed(3)
-    reference = vit_pytorch.ViT(image_size=16, patch_size=4, num_classes=0, dim=16, depth=1, heads=2, mlp_dim=32,
-                                dim_head=8).eval()
+    reference = randomise_(vit_pytorch.ViT(image_size=16, patch_size=4, num_classes=0, dim=16, depth=1, heads=2,
+                                           mlp_dim=32, dim_head=8), seed=3).eval()
     model = vitnp.create_model("lucidrains_vit_patch32_256", weights=reference.state_dict(), img_size=16,
                                patch_size=4, embed_dim=16, depth=1, num_heads=2, head_dim=8, mlp_dim=32)
     assert model.num_classes == 0
@@ -332,6 +341,8 @@ def test_notes_models_parameter_counts_match_torch():
             "notes_torch_encoder_vit_patch7_28": ViT(28, 1, 100, 7, 1, 1, 1, 10, 4, 0.1),
             "lucidrains_vit_patch32_256": vit_pytorch.ViT(image_size=256, patch_size=32, num_classes=1000, dim=1024,
                                                           depth=6, heads=16, mlp_dim=2048),
+            "lucidrains_vit_base_patch16_224": vit_pytorch.ViT(image_size=224, patch_size=16, num_classes=1000,
+                                                               dim=768, depth=12, heads=12, mlp_dim=3072, dim_head=64),
         }
     for name, source in sources.items():
         model = vitnp.create_model(name)

@@ -1,4 +1,5 @@
-"""``vitnp predict`` on a folder with a corrupt file, against timm's model + eval transform on the same images."""
+"""``vitnp predict`` on a folder with a corrupt file, against timm's model + eval transform on the same images, on
+either backend."""
 
 import csv
 import json
@@ -6,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import break_the_fast_backend
 
 from vitnp import cli
 from vitnp.predict import class_names, expand_inputs, imagenet_classes, top_k
@@ -81,6 +83,33 @@ def test_predict_csv_glob_and_stdout(setup, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     best = int(np.argmax(expected[str(images / "3.png")]))
     assert line.startswith(str(images / "3.png")) and imagenet_classes()[best] in line
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predict_on_the_reference_backend(setup, tmp_path, monkeypatch, capsys):
+    weights, images, expected = setup
+    args = [str(images), "--model", "deit_tiny_patch16_224", "--weights", str(weights), "--topk", "3"]
+    assert cli.main(["predict", *args, "-o", str(tmp_path / "fast.jsonl")]) == 1  # the corrupt file
+    break_the_fast_backend(monkeypatch)
+    assert cli.main(["predict", *args, "-o", str(tmp_path / "reference.jsonl"), "--backend", "reference"]) == 1
+    fast, reference = _jsonl(tmp_path / "fast.jsonl"), _jsonl(tmp_path / "reference.jsonl")
+    assert [r["path"] for r in reference] == [r["path"] for r in fast] and len(fast) == 6
+    for fast_record, record in zip(fast, reference):
+        assert ("error" in record) == ("error" in fast_record)
+        if "error" in record:
+            continue
+        assert [t["class_index"] for t in record["top"]] == [t["class_index"] for t in fast_record["top"]]
+        probabilities = [t["probability"] for t in record["top"]]
+        np.testing.assert_allclose(probabilities, [t["probability"] for t in fast_record["top"]], rtol=1e-4)
+        np.testing.assert_allclose(probabilities, expected[record["path"]][[t["class_index"] for t in record["top"]]],
+                                   rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    monkeypatch.setenv("VITNP_BACKEND", "reference")  # the default backend, when --backend is not given
+    assert cli.main(["predict", str(images / "3.png"), *args[1:]]) == 0
+    assert capsys.readouterr().out.startswith(str(images / "3.png"))
 
 
 def test_predict_errors(setup, capsys):

@@ -2,7 +2,8 @@
 
 Generated PIL images of odd sizes and every mode a user meets (RGB, RGBA, L, P, 16-bit, EXIF-rotated); the timm
 side gets the image as timm's ImageDataset hands it over (``.convert('RGB')``), after the EXIF orientation for the
-rotated file. Expected: bit for bit equal (same Pillow filter, same float32 arithmetic).
+rotated file. Expected: bit for bit equal (same Pillow filter, same float32 arithmetic). The unreadable-file checks
+need no timm.
 """
 
 import io
@@ -11,14 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import needs
 from PIL import Image, ImageOps
 
 import vitnp
 from vitnp.preprocess import open_image, preprocess_files
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-from timm.data import create_transform, resolve_data_config  # noqa: E402
+needs_timm = needs("torch", "timm")
 
 # one timm name per distinct preset (0.5 / ImageNet mean, crop 0.9 / 1.0, 224 / 256 / 384, Swin, MobileViT)
 PRESETS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_base_patch16_384", "swin_tiny_patch4_window7_224",
@@ -27,6 +27,9 @@ _TRANSFORMS = {}
 
 
 def timm_transform(name):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
     if name not in _TRANSFORMS:
         small = {"depth": 1} if name.startswith(("vit_", "deit_")) else {}
         model = timm.create_model(name, pretrained=False, num_classes=0, **small)
@@ -44,6 +47,7 @@ def _image(rng, width, height, mode):
     return image.convert(mode)
 
 
+@needs_timm
 @pytest.mark.parametrize("name", PRESETS)
 @settings(max_examples=12)  # x 5 presets; the time budget of this file
 @given(width=st.integers(3, 300), height=st.integers(3, 300), mode=st.sampled_from(["RGB", "RGBA", "L", "P"]))
@@ -55,6 +59,7 @@ def test_preprocess_equals_timm_eval_transform(name, width, height, mode):
     np.testing.assert_array_equal(actual, expected)
 
 
+@needs_timm
 def test_preprocess_takes_a_model_and_float64():
     model = vitnp.create_model("deit_tiny_patch16_224", depth=1)
     image = _image(np.random.default_rng(0), 301, 250, "RGB")
@@ -64,6 +69,7 @@ def test_preprocess_takes_a_model_and_float64():
     np.testing.assert_array_equal(actual, expected.astype(np.float64))
 
 
+@needs_timm
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     grey = _image(np.random.default_rng(1), 97, 131, "L")
     wide = np.asarray(grey, dtype=np.uint16) * 257  # v * 257 >> 8 == v: the 8-bit image, in 16 bits
@@ -75,6 +81,7 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(vitnp.preprocess(path, "vit_tiny_patch16_224"), expected)
 
 
+@needs_timm
 def test_exif_rotated_file_is_turned_upright(tmp_path):
     upright = _image(np.random.default_rng(2), 120, 200, "RGB")
     stored = upright.transpose(Image.Transpose.ROTATE_270)  # what the camera wrote: 200 x 120, turned clockwise
@@ -90,6 +97,7 @@ def test_exif_rotated_file_is_turned_upright(tmp_path):
     np.testing.assert_array_equal(np.asarray(open_image(path)), np.asarray(upright))
 
 
+@needs_timm
 def test_jpeg_file_and_greyscale_model(tmp_path):
     image = _image(np.random.default_rng(3), 64, 40, "RGB")
     buffer = io.BytesIO()

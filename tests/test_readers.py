@@ -2,35 +2,36 @@
 safetensors, pytorch_model.bin, shards), PyTorch pickles with wrappers, the .npz export, and their errors.
 
 Files are written by the libraries that users write them with (safetensors, torch, transformers); the values read
-back are compared with what those libraries hold.
+back are compared with what those libraries hold. The broken-file checks need no torch.
 """
 
 import argparse
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import images, needs, optional_import, randomise_, run, timm_model
+from tolerances import assert_close
 
 import vitnp
-from tolerances import assert_close
-from vitnp import layouts, weights
+from vitnp import layouts, registry, weights
 from vitnp.weights import WeightsFileError
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+torch = optional_import("torch")
+safetensors_torch = optional_import("safetensors.torch")
+needs_torch = needs("torch", "safetensors.torch")
 
-TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool,
-}
+TORCH_DTYPES = ["bfloat16", "bool", "float16", "float32", "float64", "int32", "int64", "uint8"]  # torch.<name>
 
 
+@needs_torch
 @settings(max_examples=15)
 @given(
-    dtypes=st.lists(st.sampled_from(sorted(TORCH_DTYPES)), min_size=1, max_size=4),
+    dtypes=st.lists(st.sampled_from(TORCH_DTYPES), min_size=1, max_size=4),
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
     seed=st.integers(0, 2**16),
 )
@@ -40,7 +41,7 @@ def test_safetensors_reader_matches_torch(tmp_path_factory, dtypes, shape, seed)
     tensors = {}
     for i, name in enumerate(dtypes):
         values = torch.randn(shape, generator=generator, dtype=torch.float64) * 100
-        tensors[f"t{i}.{name}"] = values.to(TORCH_DTYPES[name])
+        tensors[f"t{i}.{name}"] = values.to(getattr(torch, name))
     path = tmp_path_factory.mktemp("st") / "w.safetensors"
     safetensors_torch.save_file(tensors, str(path))
     state_dict, stored = weights.read_safetensors(path)
@@ -52,6 +53,7 @@ def test_safetensors_reader_matches_torch(tmp_path_factory, dtypes, shape, seed)
         np.testing.assert_array_equal(state_dict[key], expected)
 
 
+@needs_torch
 def test_bfloat16_widening_is_exact_for_every_bit_pattern():
     bits = np.arange(2**16, dtype=np.uint16)
     expected = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
@@ -59,6 +61,7 @@ def test_bfloat16_widening_is_exact_for_every_bit_pattern():
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))  # nan payloads included
 
 
+@needs_torch
 def test_safetensors_arrays_are_memory_mapped(tmp_path):
     path = tmp_path / "w.safetensors"
     safetensors_torch.save_file({"a": torch.arange(1000, dtype=torch.float32)}, str(path))
@@ -72,12 +75,11 @@ def _hf_vit(transformers, **kwargs):
                                     image_size=32, patch_size=8, num_labels=3, **kwargs)
     config.id2label = {0: "cat", 1: "dog", 2: "fish"}
     config.label2id = {v: k for k, v in config.id2label.items()}
-    torch.manual_seed(0)
-    return transformers.ViTForImageClassification(config).eval()
+    return randomise_(transformers.ViTForImageClassification(config)).eval()
 
 
 def _images(batch=2, size=32):
-    return np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    return images((batch, 3, size, size))
 
 
 def _logits(model, x):
@@ -85,6 +87,7 @@ def _logits(model, x):
         return model(pixel_values=torch.from_numpy(x)).logits.numpy()
 
 
+@needs_torch
 def test_hf_folder_config_facts(tmp_path):
     """config.json gives heads, LayerNorm eps (HF's default 1e-12 when unset), image / patch size and labels."""
     transformers = pytest.importorskip("transformers")
@@ -102,6 +105,7 @@ def test_hf_folder_config_facts(tmp_path):
     assert_close(model(x), _logits(hf, x), "model")
 
 
+@needs_torch
 def test_hf_folder_pytorch_model_bin_and_shards(tmp_path):
     """The other folder forms: pytorch_model.bin (4.x names, torch pickle) and a sharded safetensors index."""
     transformers = pytest.importorskip("transformers")
@@ -124,13 +128,14 @@ def test_hf_folder_pytorch_model_bin_and_shards(tmp_path):
         assert_close(model(x), expected, "model")
 
 
+@needs_torch
 def test_bf16_safetensors_checkpoint(tmp_path):
     """A bfloat16 save_pretrained folder: vitnp widens exactly, so it equals the torch model run in float32 on the
     bf16-rounded weights."""
     transformers = pytest.importorskip("transformers")
     hf = _hf_vit(transformers).to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
-    assert set(vitnp.layouts.describe(tmp_path)["dtypes"]) == {"bfloat16"}
+    assert set(layouts.describe(tmp_path, registry.family_tables)["dtypes"]) == {"bfloat16"}
     hf = hf.float()
     model = vitnp.create_model("vit_tiny_patch16_224", weights=tmp_path)
     for key, value in model.state_dict().items():
@@ -139,11 +144,11 @@ def test_bf16_safetensors_checkpoint(tmp_path):
     assert_close(model(x), _logits(hf, x), "model")
 
 
+@needs("torch", "timm")
 def test_torch_pickle_with_wrappers_and_namespace(tmp_path):
     """{'model': ..., 'epoch': ..., 'args': Namespace} with a 'module.' prefix, as training scripts save."""
-    timm = pytest.importorskip("timm")
-    reference = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1,
-                                  num_heads=2, num_classes=4).eval()
+    reference = timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                           num_classes=4)
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {"module." + k: v for k, v in reference.state_dict().items()}, "epoch": 7,
                 "args": argparse.Namespace(lr=0.1), "optimizer": {"param_groups": [{"lr": 0.1}]}}, path)
@@ -153,10 +158,10 @@ def test_torch_pickle_with_wrappers_and_namespace(tmp_path):
                                depth=1, num_heads=2)
     assert model.num_classes == 4
     x = _images()
-    with torch.no_grad():
-        assert_close(model(x), reference(torch.from_numpy(x)).numpy(), "model")
+    assert_close(model(x), run(reference, x), "model")
 
 
+@needs_torch
 def test_export_npz_round_trip_keeps_config_and_labels(tmp_path):
     """HF folder -> .npz in timm names with the config: loads without torch into the same model."""
     transformers = pytest.importorskip("transformers")
@@ -172,13 +177,14 @@ def test_export_npz_round_trip_keeps_config_and_labels(tmp_path):
     assert_close(model(x), _logits(hf, x), "model")
 
 
+@needs_torch
 def test_describe_reports_layout_architecture_and_counts(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                   hidden_dim=32, mlp_dim=128, num_classes=5)
     path = tmp_path / "tv.pth"
     torch.save(source.state_dict(), path)
-    info = layouts.describe(path)
+    info = layouts.describe(path, registry.family_tables)
     assert info["layout"] == "torchvision-vit" and info["family"] == "VisionTransformer"
     assert info["num_params"] == sum(p.numel() for p in source.parameters())
     assert info["dtypes"] == {"float32": len(source.state_dict())}
@@ -231,6 +237,17 @@ def test_unreadable_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsFileError, match="model.safetensors"):
         vitnp.load_weights(tmp_path / "empty")
+
+
+def test_a_torch_file_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # ``import torch`` raises ImportError, as where it is missing
+    (tmp_path / "model.pth").write_bytes(b"any bytes")
+    with pytest.raises(WeightsFileError, match=r"model\.pth is a PyTorch pickle; reading it needs torch.*vitnp export"):
+        vitnp.load_weights(tmp_path / "model.pth")
+
+
+@needs_torch
+def test_unreadable_torch_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     with pytest.raises(WeightsFileError, match="cannot read"):
         vitnp.load_weights(tmp_path / "junk.pth")
@@ -239,10 +256,12 @@ def test_unreadable_inputs(tmp_path):
         vitnp.load_weights(tmp_path / "module.pth")
 
 
+@needs("torch", "safetensors.torch", "timm")
 def test_cli_inspect(tmp_path, capsys):
+    import timm
+
     from vitnp import cli
 
-    timm = pytest.importorskip("timm")
     with torch.device("meta"):
         shapes = timm.create_model("deit_tiny_distilled_patch16_224").state_dict()
     state = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in shapes.items()}

@@ -4,33 +4,32 @@ timm's; overrides use timm's constructor names and build what timm's constructor
 timm models are built on the meta device (shapes, no memory, no forward). vitnp models are built with random
 initialisation switched off (``shapes_only``): filling vit_huge's 632M parameters with random numbers takes tens of
 seconds and ~5 GB, and the keys, shapes and counts checked here do not depend on the values (initialisation itself
-is tested on a small model below).
+is tested on a small model below). The checks against timm skip where timm is not installed; the others need no
+torch.
 """
 
 import functools
 
 import numpy as np
 import pytest
+from oracles import DIGITS_TIMM_KWARGS, needs, optional_import
 
 import vitnp
 from vitnp import model as vitnp_model
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer  # noqa: E402
+torch = optional_import("torch")
+timm = optional_import("timm")
+needs_timm = needs("torch", "timm")
 
 NAMES = vitnp.list_models()
 DEMO = "vit_digits_patch4_32"
-# The notes' own ViTs and lucidrains' ViT are no timm models: tests/test_notes_vit.py checks them against their code.
+# The notes' own ViTs and lucidrains' ViT are no timm models: tests/test_notes_vit.py and tests/test_models.py compare
+# them with their PyTorch code.
 NOT_TIMM = {name for _, table in vitnp.notes_vit.FAMILIES for name in table}
-# DINO's hubconf names are not timm names either: tests/test_dino.py checks them against timm's ViTs and DINO's code.
+# DINO's hubconf names are not timm names either: tests/test_models.py compares them with timm's ViTs of their size,
+# tests/test_dino.py with DINO's code.
 NOT_TIMM |= set(vitnp.vit.DINO_MODELS)
 TIMM_NAMES = [n for n in NAMES if n != DEMO and n not in NOT_TIMM]
-# The demo model is not a timm name; this is its timm VisionTransformer config as the issue describes it (img 32,
-# patch 4, 1 channel, the 10 digits), the contract its shipped .npz is written against.
-DEMO_TIMM_KWARGS = dict(
-    img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
-)
 
 
 @pytest.fixture
@@ -40,9 +39,13 @@ def shapes_only(monkeypatch):
 
 
 def _timm_meta(name, **kwargs):
+    """timm's model of a registered name on the meta device; the demo model is its config of timm's ViT (the
+    contract its shipped .npz is written against)."""
+    from timm.models.vision_transformer import VisionTransformer
+
     with torch.device("meta"):
         if name == DEMO:
-            return TimmVisionTransformer(**{**DEMO_TIMM_KWARGS, **kwargs})
+            return VisionTransformer(**{**DIGITS_TIMM_KWARGS, **kwargs})
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
@@ -66,11 +69,13 @@ def test_list_models_is_sorted_and_complete():
     assert required <= set(NAMES), f"missing from the registry: {sorted(required - set(NAMES))}"
 
 
+@needs_timm
 @pytest.mark.parametrize("name", TIMM_NAMES)
 def test_name_exists_in_timm(name):
     assert timm.is_model(name), f"{name} is not a timm model name"
 
 
+@needs_timm
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NOT_TIMM])
 def test_architecture_matches_timm(name, shapes_only):
     """Same state_dict keys, in the same order, with the same shapes; same class count; same parameter counts."""
@@ -85,6 +90,7 @@ def test_architecture_matches_timm(name, shapes_only):
     assert vitnp.count_params(model, "torchsummary") == timm_count - root_params
 
 
+@needs_timm
 @pytest.mark.parametrize("name", TIMM_NAMES)
 def test_data_config_matches_timm_pretrained_cfg(name):
     expected = _timm_default(name).pretrained_cfg
@@ -103,6 +109,7 @@ def test_data_config_fits_the_model(name, shapes_only):
     assert len(config["mean"]) == len(config["std"]) == model.in_chans
 
 
+@needs_timm
 def test_vit_base_five_classes_parameter_counts(shapes_only):
     """Seed 002 prints 85,650,437 (torchsummary) for this model; timm counts 85,802,501, the difference being the
     class token and the position embedding, which torchsummary does not see."""
@@ -144,6 +151,7 @@ OVERRIDES = [
 ]
 
 
+@needs_timm
 @pytest.mark.parametrize("overrides", OVERRIDES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 def test_overrides_build_what_timm_builds(name, overrides, shapes_only):
@@ -161,6 +169,7 @@ def test_num_classes_argument_and_override_agree(shapes_only):
     assert model.state_dict()["head.weight"].shape == (3, 192)
 
 
+@needs_timm
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch32_224"])
 def test_representation_size_adds_the_pre_logits_layer(name, shapes_only):
     """timm 1.x dropped the representation layer: vitnp adds pre_logits.fc (D -> size) before the head."""
@@ -229,6 +238,7 @@ def test_random_init_is_seeded():
     )
 
 
+@needs_timm
 def test_random_init_spread_matches_timm():
     """Linear weights and pos_embed: timm draws trunc_normal_(std=.02) with bounds a=-2, b=2 (absolute values)."""
     model = vitnp.create_model("vit_tiny_patch16_224", depth=1).state_dict()

@@ -1,55 +1,42 @@
-"""Swin Transformer v1 against timm (modules and whole models, random weights, float32 and float64) and against the
-seed 004 PyTorch ``Swin`` (loaded through vitnp.layouts).
+"""Swin Transformer v1 against timm (modules and whole models, random weights, float32 and float64, both backends)
+and against the seed 004 PyTorch ``Swin`` (loaded through vitnp.layouts).
 
-Module tests re-draw every parameter of the timm module (LayerNorm affines around 1, biases and the relative position
-bias table non-zero), so a dropped bias, a swapped norm or a mis-gathered bias table cannot pass. Whole models keep
-timm's init for the matrices but get the same treatment for biases, norms and tables.
+Every parameter of the torch modules is drawn by ``oracles.randomise_`` (LayerNorm affines around 1, biases and the
+relative position bias table non-zero), so a dropped bias, a swapped norm or a mis-gathered bias table cannot pass.
+The registered names at their own configuration are compared with timm in tests/test_models.py.
 """
 
-import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import (
+    BACKENDS,
+    NoTorchNN,
+    images,
+    in_dtype,
+    needs,
+    numpy_state,
+    optional_import,
+    randomise_,
+    run,
+    timm_model,
+)
 from tolerances import assert_close
 
 import vitnp
 from vitnp import layouts, swin
 from vitnp.model import WeightsError
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-timm_swin = pytest.importorskip("timm.models.swin_transformer")
-nn = torch.nn
+torch = optional_import("torch")
+nn = torch.nn if torch else NoTorchNN
+timm_swin = optional_import("timm.models.swin_transformer")
+needs_timm = needs("torch", "timm")
 
 DTYPES = st.sampled_from([np.float32, np.float64])
-TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 FEW = min(10, settings().max_examples)  # whole models per Hypothesis test: each builds a timm and a vitnp model
-
-
-def _randomise_(module, seed, matrix_std=None):
-    """Re-draw the parameters of a torch module: norm weights ~1, biases and bias tables O(0.1-1).
-
-    ``matrix_std``: also re-draw the matrices with this std (module tests); None keeps timm's init (whole models).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            if name.endswith("relative_position_bias_table"):
-                p.copy_(noise)
-            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.2 * noise)
-            elif matrix_std is not None:
-                p.copy_(matrix_std * noise)
-    return module
-
-
-def _state(module):
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def _load_module(module, state):
@@ -69,6 +56,7 @@ def _t(a):
 # ------------------------------------------------------------------------------------------------------- pieces
 
 
+@needs_timm
 @given(st.integers(1, 12), st.integers(1, 12))
 def test_relative_position_index_matches_timm(wh, ww):
     expected = timm_swin.get_relative_position_index(wh, ww).numpy()
@@ -89,19 +77,21 @@ def block_cases(draw):
     )  # fmt: skip
 
 
-@given(block_cases())
-def test_block_matches_timm(case):
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=block_cases())
+def test_block_matches_timm(case, backend):
     dtype = case["dtype"]
     reference = timm_swin.SwinTransformerBlock(
         case["dim"], input_resolution=case["resolution"], num_heads=case["heads"], window_size=case["window"],
         shift_size=case["shift"], mlp_ratio=case["mlp_ratio"], qkv_bias=case["qkv_bias"],
     )  # fmt: skip
-    reference = _randomise_(reference, case["seed"], matrix_std=0.3).eval().to(TORCH_DTYPES[dtype])
+    reference = in_dtype(randomise_(reference, case["seed"]).eval(), dtype)
     block = swin.SwinTransformerBlock(
         case["dim"], case["resolution"], case["heads"], case["window"], case["shift"], case["mlp_ratio"],
         case["qkv_bias"],
-    )  # fmt: skip
-    _load_module(block, _state(reference))
+    ).set_backend(backend)  # fmt: skip
+    _load_module(block, numpy_state(reference))
     assert block.window_size == tuple(reference.window_size)
     assert block.shift_size == tuple(reference.shift_size)
     if reference.attn_mask is None:
@@ -109,23 +99,23 @@ def test_block_matches_timm(case):
     else:
         np.testing.assert_array_equal(block.attn_mask, reference.attn_mask.numpy())  # exactly 0 / -100
 
-    x = np.random.default_rng(case["seed"]).standard_normal((case["B"], *case["resolution"], case["dim"])).astype(dtype)
-    with torch.no_grad():
-        expected = reference(_t(x)).numpy()
+    x = images((case["B"], *case["resolution"], case["dim"]), dtype, seed=case["seed"])
     out = block(x)
     assert out.dtype == dtype
-    assert_close(out, expected, "layer")
+    assert_close(out, run(reference, x), "layer")
 
 
-@given(block_cases(), st.integers(1, 4), st.booleans())
-def test_window_attention_matches_timm(case, num_windows, with_mask):
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=block_cases(), num_windows=st.integers(1, 4), with_mask=st.booleans())
+def test_window_attention_matches_timm(case, num_windows, with_mask, backend):
     """WindowAttention alone on (B*nW, N, C), with a random region mask of 0 / -100 or without one."""
     dtype, (wh, ww) = case["dtype"], case["window"]
     N = wh * ww
     reference = timm_swin.WindowAttention(case["dim"], case["heads"], window_size=(wh, ww), qkv_bias=case["qkv_bias"])
-    reference = _randomise_(reference, case["seed"], matrix_std=0.3).eval().to(TORCH_DTYPES[dtype])
-    attention = swin.WindowAttention(case["dim"], case["heads"], (wh, ww), case["qkv_bias"])
-    _load_module(attention, _state(reference))
+    reference = in_dtype(randomise_(reference, case["seed"]).eval(), dtype)
+    attention = swin.WindowAttention(case["dim"], case["heads"], (wh, ww), case["qkv_bias"]).set_backend(backend)
+    _load_module(attention, numpy_state(reference))
 
     rng = np.random.default_rng(case["seed"])
     x = rng.standard_normal((case["B"] * num_windows, N, case["dim"])).astype(dtype)
@@ -134,42 +124,35 @@ def test_window_attention_matches_timm(case, num_windows, with_mask):
         regions = rng.integers(0, 3, (num_windows, N))
         mask = np.where(regions[:, :, None] != regions[:, None, :], -100.0, 0.0).astype(np.float32)
     with torch.no_grad():
-        expected = reference(_t(x), mask=None if mask is None else _t(mask).to(TORCH_DTYPES[dtype])).numpy()
+        expected = reference(_t(x), mask=None if mask is None else _t(mask.astype(dtype))).numpy()
     out = attention(x, mask=mask)
     assert out.dtype == dtype
     assert_close(out, expected, "layer")
 
 
-@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 8), st.integers(1, 8), st.integers(1, 2), DTYPES,
-       st.integers(0, 2**16))  # fmt: skip
-def test_patch_merging_matches_timm(H, W, dim, out_dim, B, dtype, seed):
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(H=st.integers(1, 12), W=st.integers(1, 12), dim=st.integers(1, 8), out_dim=st.integers(1, 8),
+       B=st.integers(1, 2), dtype=DTYPES, seed=st.integers(0, 2**16))  # fmt: skip
+def test_patch_merging_matches_timm(H, W, dim, out_dim, B, dtype, seed, backend):
     """Odd H / W are padded; the 4C concatenation order and the bias-free reduction are timm's."""
-    reference = timm_swin.PatchMerging(dim, out_dim)
-    reference = _randomise_(reference, seed, matrix_std=0.3).eval().to(TORCH_DTYPES[dtype])
-    merging = swin.PatchMerging(dim, out_dim)
-    _load_module(merging, _state(reference))
-    x = np.random.default_rng(seed).standard_normal((B, H, W, dim)).astype(dtype)
-    with torch.no_grad():
-        expected = reference(_t(x)).numpy()
+    reference = in_dtype(randomise_(timm_swin.PatchMerging(dim, out_dim), seed).eval(), dtype)
+    merging = swin.PatchMerging(dim, out_dim).set_backend(backend)
+    _load_module(merging, numpy_state(reference))
+    x = images((B, H, W, dim), dtype, seed=seed)
     out = merging(x)
     assert out.shape == (B, (H + 1) // 2, (W + 1) // 2, out_dim)
-    assert_close(out, expected, "layer")
+    assert_close(out, run(reference, x), "layer")
 
 
 # ------------------------------------------------------------------------------------------------- whole models
 
 
-def _timm_reference(name, dtype, **kwargs):
-    torch.manual_seed(0)
-    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
-    reference = _randomise_(reference, seed=1).to(TORCH_DTYPES[dtype])
-    return reference, _state(reference)
-
-
-def _compare_with_timm(name, dtype, batch=1, **kwargs):
-    reference, state = _timm_reference(name, dtype, **kwargs)
-    model = vitnp.create_model(name, weights=state, dtype=dtype, **kwargs)
-    x = np.random.default_rng(2).standard_normal((batch, model.in_chans, *model.img_size)).astype(dtype)
+def _compare_with_timm(name, dtype, backend, batch=1, **kwargs):
+    reference = in_dtype(timm_model(name, seed=1, **kwargs), dtype)
+    state = numpy_state(reference)
+    model = vitnp.create_model(name, weights=state, dtype=dtype, backend=backend, **kwargs)
+    x = images((batch, model.in_chans, *model.img_size), dtype, seed=2)
     with torch.no_grad():
         features_t = reference.forward_features(_t(x))
         logits_t = reference.forward_head(features_t).numpy()
@@ -183,23 +166,22 @@ def _compare_with_timm(name, dtype, batch=1, **kwargs):
     return model, state
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_swin_tiny_matches_timm(dtype):
-    _compare_with_timm("swin_tiny_patch4_window7_224", dtype)
-
-
-def test_swin_tiny_non_square_non_multiple_of_window_matches_timm():
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swin_tiny_non_square_non_multiple_of_window_matches_timm(backend):
     """256x160: stage maps 64x40 .. 8x5 are padded to whole windows, and the last stage (8x5) is shifted along H only
     (its W is clamped to a 5-wide window), so timm's roll-then-pad order and per-dimension clamp both matter."""
-    _compare_with_timm("swin_tiny_patch4_window7_224", np.float32, img_size=(256, 160))
+    _compare_with_timm("swin_tiny_patch4_window7_224", np.float32, backend, img_size=(256, 160))
 
 
 SMALL = dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=10)
 
 
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_small_random_config_matches_timm(dtype):
-    _compare_with_timm("swin_tiny_patch4_window7_224", dtype, batch=2, **SMALL)
+def test_small_random_config_matches_timm(dtype, backend):
+    _compare_with_timm("swin_tiny_patch4_window7_224", dtype, backend, batch=2, **SMALL)
 
 
 @st.composite
@@ -218,16 +200,19 @@ def small_configs(draw):
     )  # fmt: skip
 
 
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=FEW)
-@given(small_configs())
-def test_any_accepted_size_matches_timm_float64(config):
+@given(config=small_configs())
+def test_any_accepted_size_matches_timm_float64(config, backend):
     """Every image size timm accepts, non-square and not a multiple of the window at any stage, in float64."""
-    _compare_with_timm("swin_tiny_patch4_window7_224", np.float64, batch=1, **config)
+    _compare_with_timm("swin_tiny_patch4_window7_224", np.float64, backend, **config)
 
 
+@needs_timm
 def test_float32_and_float64_models_agree():
-    _, state = _timm_reference("swin_tiny_patch4_window7_224", np.float32, **SMALL)
-    x = np.random.default_rng(4).standard_normal((2, 3, 64, 64))
+    state = numpy_state(timm_model("swin_tiny_patch4_window7_224", seed=1, **SMALL))
+    x = images((2, 3, 64, 64), np.float64, seed=4)
     logits64 = vitnp.create_model("swin_tiny_patch4_window7_224", weights=state, dtype=np.float64, **SMALL)(x)
     logits32 = vitnp.create_model("swin_tiny_patch4_window7_224", weights=state, **SMALL)(x)
     assert logits32.dtype == np.float32 and logits64.dtype == np.float64
@@ -237,14 +222,15 @@ def test_float32_and_float64_models_agree():
 # --------------------------------------------------------------------------------------------- registry, weights
 
 
+@needs_timm
 @pytest.mark.parametrize("name", sorted(swin.MODELS))
 def test_registered_names_have_timm_keys_and_shapes(name):
     """Every registered Swin builds timm's parameters: same keys, same order, same shapes (timm built on 'meta')."""
+    import timm
+
     with torch.device("meta"):
         reference = timm.create_model(name, pretrained=False)
     arch, data = swin.MODELS[name]
-    from dataclasses import replace
-
     model = swin.SwinTransformer(replace(swin.SwinConfig(), **arch))  # no init: the parameters stay lazy zeros
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert [(k, v.shape) for k, v in model.named_parameters()] == list(expected.items())
@@ -255,8 +241,9 @@ def test_registered_names_have_timm_keys_and_shapes(name):
     assert windows == [(b.window_size, b.shift_size) for stage in model.stage_list for b in stage.block_list]
 
 
+@needs_timm
 def test_state_dict_round_trip(tmp_path):
-    model, state = _compare_with_timm("swin_tiny_patch4_window7_224", np.float64, **SMALL)
+    model, state = _compare_with_timm("swin_tiny_patch4_window7_224", np.float64, "fast", **SMALL)
     own = model.state_dict()
     assert list(own) == list(state)  # timm's keys in timm's order: no relative_position_index, no attn_mask
     assert not any("relative_position_index" in k or "attn_mask" in k for k in own)
@@ -268,7 +255,7 @@ def test_state_dict_round_trip(tmp_path):
     reloaded = vitnp.create_model("swin_tiny_patch4_window7_224", weights=path, dtype=np.float64, **SMALL)
     fresh = vitnp.create_model("swin_tiny_patch4_window7_224", dtype=np.float64, seed=7, **SMALL)
     fresh.load_state_dict(own)
-    x = np.random.default_rng(5).standard_normal((1, 3, 64, 64))
+    x = images((1, 3, 64, 64), np.float64, seed=5)
     for other in (reloaded, fresh):
         assert list(other.state_dict()) == list(own)
         for key, value in other.state_dict().items():
@@ -301,7 +288,7 @@ def test_wrong_image_sizes_are_clear_value_errors():
 
 
 def test_mismatched_weights_are_reported_by_key():
-    _, state = _timm_reference("swin_tiny_patch4_window7_224", np.float32, **SMALL)
+    state = vitnp.create_model("swin_tiny_patch4_window7_224", **SMALL).state_dict()
     model = vitnp.create_model("swin_tiny_patch4_window7_224", **{**SMALL, "window_size": 8})
     table = r"layers\.0\.blocks\.0\.attn\.relative_position_bias_table: weights \(49, 2\), model \(225, 2\)"
     with pytest.raises(WeightsError, match=table):  # a window-4 table (7x7 = 49 rows) in a window-8 model
@@ -555,33 +542,34 @@ SEED_SMALL_AS_TIMM = dict(img_size=64, patch_size=4, embed_dim=16, window_size=4
 
 
 def _seed_model(dtype, **kwargs):
-    torch.manual_seed(0)
-    return _randomise_(Swin(**kwargs), seed=3, matrix_std=0.1).eval().to(TORCH_DTYPES[dtype])
+    return in_dtype(randomise_(Swin(**kwargs), seed=3).eval(), dtype)
 
 
+@needs("torch")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dtype, kwargs, as_timm",
     [(np.float64, SEED_SMALL, SEED_SMALL_AS_TIMM), (np.float32, {}, {})],  # the small one, then the blog's default
     ids=["small-float64", "default-float32"],
 )
-def test_seed004_swin_loads_through_the_layout_mapping(dtype, kwargs, as_timm):
+def test_seed004_swin_loads_through_the_layout_mapping(dtype, kwargs, as_timm, backend):
     seed = _seed_model(dtype, **kwargs)
-    state = _state(seed)  # includes its relative_position_index and attn_mask buffers
+    state = numpy_state(seed)  # includes its relative_position_index and attn_mask buffers
     assert layouts.detect_layout(state) == "seed004_swin"
     converted = layouts.to_timm(state)
-    model = vitnp.create_model("swin_tiny_patch4_window7_224", weights=state, dtype=dtype, **as_timm)
+    model = vitnp.create_model("swin_tiny_patch4_window7_224", weights=state, dtype=dtype, backend=backend, **as_timm)
     assert model.cfg.downsample_bias  # the seed's reduction Linear has a bias, set by the layout's config
     assert list(model.state_dict()) == sorted(converted, key=list(model.state_dict()).index)
 
-    x = np.random.default_rng(6).standard_normal((2, 3, *model.img_size)).astype(dtype)
-    with torch.no_grad():
-        expected = seed(_t(x)).numpy()
+    x = images((2, 3, *model.img_size), dtype, seed=6)
+    expected = run(seed, x)
     assert np.abs(expected).max() > 1e-2
     assert_close(model(x), expected, "model")
 
 
+@needs("torch")
 def test_seed004_layout_renames_every_key():
-    state = _state(_seed_model(np.float32, **SEED_SMALL))
+    state = numpy_state(_seed_model(np.float32, **SEED_SMALL))
     converted = layouts.to_timm(state)
     assert "layers.1.downsample.reduction.bias" in converted and "head.fc.weight" in converted
     assert "layers.0.downsample.reduction.weight" not in converted  # the seed's stage-0 merging moves to stage 1

@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from oracles import images
 
 import vitnp
 from vitnp.weights import CONFIG_KEY, save_npz
@@ -20,7 +21,7 @@ def _small_model(seed=0, dtype=np.float32, **overrides):
 
 
 def _images(batch=2, dtype=np.float32, size=32, channels=3, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(dtype)
+    return images((batch, channels, size, size), dtype, seed)
 
 
 def _snapshot(model):
@@ -298,19 +299,21 @@ def test_nested_list_input_is_accepted(model):
 
 
 def test_a_new_weight_array_is_packed_again(state):
-    # Linear weights are packed on first use (vitnp.layers.packed_weight); a load must not leave the old packing.
-    model = _small_model(seed=0)
+    # The fast backend packs Linear weights on first use (vitnp.fast.ops.packed); a load must not leave the old
+    # packing in use. (On the reference backend, which reads the parameters as they are, this is the round trip.)
+    model = _small_model(seed=0, backend="fast")
     x = _images()
     before = model(x)
     model.load_state_dict(state)
-    np.testing.assert_array_equal(model(x), _small_model(seed=7)(x))
+    np.testing.assert_array_equal(model(x), _small_model(seed=7, backend="fast")(x))
     assert np.abs(model(x) - before).max() > 1e-3
 
 
 def test_a_packed_weight_cannot_be_changed_in_place():
-    # The forward reads the packed copy: an in-place change of the parameter would be silently ignored, so the
-    # parameter is read-only once packed, and the change fails loudly instead.
-    model = _small_model()
+    # The fast backend's forward reads the packed copy: an in-place change of the parameter would be silently
+    # ignored, so the parameter is read-only once packed, and the change fails loudly instead. The reference backend
+    # packs nothing and reads the parameter itself: this is the fast backend's behaviour, asked for explicitly.
+    model = _small_model(backend="fast")
     model(_images())
     weight = model.state_dict()["blocks.0.attn.qkv.weight"]
     with pytest.raises(ValueError, match="read-only"):
@@ -321,7 +324,7 @@ def test_a_batch_norm_is_applied_from_its_current_arrays_and_cannot_be_changed_i
     # MobileViT's convs apply each BatchNorm as x * scale + shift, computed once from its four arrays: a load's new
     # arrays are seen at the next forward; an in-place change, which the kept values would not see, fails loudly.
     model = vitnp.create_model("mobilevit_xxs", seed=0, img_size=64)
-    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    x = images((1, 3, 64, 64))
     before = model(x)
     bn = model.stem.bn
     assert bn.scale_shift() is bn.scale_shift()
@@ -355,10 +358,12 @@ def test_mapped_weights_are_released_once_packed(tmp_path):
 
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("resident pages are read from /proc/self/smaps (Linux)")
-    original = _small_model(seed=3, embed_dim=256, num_heads=4)  # Linear weights ~3 MB, most of the file
+    # The fast backend's packing copies the Linear weights and releases the mapped pages (the reference backend
+    # reads the mapping itself and keeps it): asked for explicitly.
+    original = _small_model(seed=3, embed_dim=256, num_heads=4, backend="fast")  # Linear weights ~3 MB of the file
     path = tmp_path / "weights.npz"
     save_npz(path, original.state_dict())
-    model = _small_model(embed_dim=256, num_heads=4)
+    model = _small_model(embed_dim=256, num_heads=4, backend="fast")
     model.load_state_dict(vitnp.load_weights(path))
     for value in model.state_dict().values():
         value.sum()  # touch every page of the mapping

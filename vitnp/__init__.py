@@ -1,6 +1,7 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
 from .layouts import LayoutError
+from .memory import keep_freed_memory
 from .model import WeightsError, count_params
 from .preprocess import load_image, normalize, preprocess
 from .registry import create_model, data_config, list_models
@@ -17,6 +18,7 @@ __all__ = [
     "create_model",
     "data_config",
     "get_num_threads",
+    "keep_freed_memory",
     "list_models",
     "load_image",
     "load_weights",

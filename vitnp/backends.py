@@ -33,4 +33,4 @@ def default_backend():
 def backend_ops(name):
     """The ops module of backend ``name``, imported on first use (a process that runs the reference never loads the
     engine)."""
-    return importlib.import_module(f"vitnp.{check_backend(name)}.ops")
+    return importlib.import_module(f".{check_backend(name)}.ops", __package__)

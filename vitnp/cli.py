@@ -11,9 +11,20 @@ import fnmatch
 import os
 import sys
 
+from . import memory
+from .backends import BACKENDS
+
 
 class CommandError(Exception):
     """A problem the user can fix; ``main`` prints it as one line and exits with status 1."""
+
+
+BACKEND_HELP = ("'fast': the engine (packed GEMMs, fused kernels, threads), for speed; 'reference': the readable "
+                "formulas, the most obviously correct computation, slower (default: $VITNP_BACKEND, else fast)")
+
+
+def add_backend_argument(parser, purpose="the backend the model runs on"):
+    parser.add_argument("--backend", choices=BACKENDS, help=f"{purpose}: {BACKEND_HELP}")
 
 
 # ---- vitnp list ---------------------------------------------------------------------------------------------------
@@ -34,16 +45,21 @@ def run_list(args):
 # ---- vitnp demo ---------------------------------------------------------------------------------------------------
 
 
+def add_demo_arguments(parser):
+    add_backend_argument(parser)
+
+
 def run_demo(args):
     from .demo import run_demo
 
-    run_demo()
+    run_demo(backend=args.backend)
     return 0
 
 
 # ---- vitnp export -------------------------------------------------------------------------------------------------
 
-_NEEDS_TORCH = "exporting a timm model by name needs PyTorch and timm, which vitnp itself does not: pip install torch timm"
+_NEEDS_TORCH = ("exporting a timm model by name needs PyTorch and timm, which vitnp itself does not: "
+                "pip install torch timm")
 
 
 def add_export_arguments(parser):
@@ -75,7 +91,8 @@ def run_export(args):
     if args.model:
         check_loads(out, args.model)
     params = sum(int(a.size) for a in checkpoint.state_dict.values())
-    print(f"wrote {len(checkpoint.state_dict)} tensors, {params:,} parameters ({checkpoint.layout.name} layout) to {out}")
+    print(f"wrote {len(checkpoint.state_dict)} tensors, {params:,} parameters ({checkpoint.layout.name} layout) "
+          f"to {out}")
     return 0
 
 
@@ -134,8 +151,9 @@ def add_inspect_arguments(parser):
 
 def run_inspect(args):
     from .layouts import describe
+    from .registry import family_tables
 
-    info = describe(args.path)
+    info = describe(args.path, family_tables)
     rows = [
         ("file", info["path"]),
         ("layout", f"{info['layout']} ({info['description']})"),
@@ -156,10 +174,11 @@ def run_inspect(args):
 # ---- vitnp predict ------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser, weights_required=True):
+def add_model_arguments(parser, weights_required=True, backend_purpose="the backend the model runs on"):
     parser.add_argument("--model", required=True, metavar="NAME", help="a registered model name (vitnp list)")
     parser.add_argument("--weights", required=weights_required, metavar="FILE",
                         help="weights file or Hugging Face folder, in any layout vitnp reads")
+    add_backend_argument(parser, backend_purpose)
 
 
 def add_predict_arguments(parser):
@@ -188,7 +207,7 @@ def run_predict(args):
     paths = expand_inputs(args.images)
     if not paths:
         raise CommandError("no image files found in " + " ".join(args.images))
-    model = create_model(args.model, weights=args.weights)
+    model = create_model(args.model, weights=args.weights, backend=args.backend)
     failed = 0
     results = []
     progress = Progress(len(paths)) if args.out else None
@@ -245,7 +264,8 @@ class Progress:
 
 
 def add_verify_arguments(parser):
-    add_model_arguments(parser, weights_required=False)
+    add_model_arguments(parser, weights_required=False,
+                        backend_purpose="with --reference or --torch, the backend the model runs on")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--reference", metavar="REF.npz",
                         help="arrays exported from another implementation, named as forward_trace names them, and "
@@ -253,9 +273,12 @@ def add_verify_arguments(parser):
     source.add_argument("--torch", action="store_true",
                         help="run timm's model of the same name with the same weights in this process (needs torch + "
                              "timm) on a random input")
+    source.add_argument("--compare-backends", action="store_true",
+                        help="run the model on both backends, same weights, same seeded random input, and check the "
+                             "fast backend against the reference backend layer by layer (no torch; any family)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--image-size", type=int, metavar="N",
-                        help="with --torch: the input size (default: the model's)")
+                        help="with --torch or --compare-backends: the input size N x N (default: the model's)")
 
 
 def run_verify(args):
@@ -263,14 +286,17 @@ def run_verify(args):
     import numpy as np
 
     from .registry import create_model
-    from .verify import compare_traces, format_table, read_reference, torch_reference
+    from .verify import compare_backends, compare_traces, format_table, read_reference, torch_reference
 
-    model = create_model(args.model, weights=args.weights, dtype=np.dtype(args.dtype))
-    if args.torch:
-        x, reference = torch_reference(model, args.image_size)
+    if args.compare_backends and args.backend:
+        raise CommandError("--compare-backends runs the model on both backends: --backend goes with --reference or "
+                           "--torch")
+    model = create_model(args.model, weights=args.weights, dtype=np.dtype(args.dtype), backend=args.backend)
+    if args.compare_backends:
+        rows = compare_backends(model, args.image_size)
     else:
-        x, reference = read_reference(args.reference)
-    rows = compare_traces(model.forward_trace(x), reference, model.dtype)
+        x, reference = torch_reference(model, args.image_size) if args.torch else read_reference(args.reference)
+        rows = compare_traces(model.forward_trace(x), reference, model.dtype)
     print(format_table(rows))
     failing = [row for row in rows if not row["ok"]]
     if failing:
@@ -300,7 +326,7 @@ def run_attention(args):
     from .attention_map import attention_figure
     from .registry import create_model
 
-    model = create_model(args.model, weights=args.weights)
+    model = create_model(args.model, weights=args.weights, backend=args.backend)
     attention_figure(model, args.image, args.out, image_size=args.image_size, threshold=args.threshold,
                      rollout=args.rollout)
     print(f"wrote {args.out}")
@@ -314,7 +340,8 @@ def add_embed_arguments(parser):
     parser.add_argument("source", metavar="SOURCE",
                         help="a folder (searched recursively), a glob, a text file of paths, or any of these as an "
                              "fsspec URL")
-    add_model_arguments(parser)
+    add_model_arguments(parser, backend_purpose="the backend the workers run the model on (recorded in DIR's "
+                                                "manifest: a DIR resumes only on the same backend)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder of Parquet shards + _manifest.json")
     parser.add_argument("--what", choices=("features", "logits", "topk"), default="features",
                         help="pre-logits features (default), logits, or the top-k labels and probabilities")
@@ -332,7 +359,8 @@ def run_embed(args):
     from .embed import embed
 
     result = embed(args.source, args.model, args.weights, args.out, what=args.what, topk=args.topk,
-                   batch_size=args.batch, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers)
+                   batch_size=args.batch, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
+                   backend=args.backend)
     skipped = f", {len(result['skipped'])} already done" if result["skipped"] else ""
     print(f"wrote {result['rows']} rows in {result['shards']} shards to {result['out']} ({len(result['computed'])} "
           f"computed{skipped}, {result['images_per_s']:.1f} images/s)")
@@ -352,20 +380,24 @@ def run_embed(args):
 # name -> (help, add_arguments(parser) or None, run(args) -> exit status)
 COMMANDS = {
     "list": ("list the registered model names", add_list_arguments, run_list),
-    "demo": ("classify the shipped digit images with the shipped digits ViT (no download)", None, run_demo),
+    "demo": ("classify the shipped digit images with the shipped digits ViT (no download)", add_demo_arguments,
+             run_demo),
     "export": ("write a timm model's or a PyTorch checkpoint's weights as an .npz (needs torch + timm)",
                add_export_arguments, run_export),
     "inspect": ("tell a checkpoint's layout, architecture, parameter count and dtypes (no torch needed for "
                 ".npz / .safetensors / HF safetensors folders)", add_inspect_arguments, run_inspect),
     "predict": ("top-k ImageNet (or the checkpoint's) classes of images, folders or globs; CSV / JSON lines output",
                 add_predict_arguments, run_predict),
-    "verify": ("compare every named intermediate (forward_trace) with another implementation's arrays or with timm",
-               add_verify_arguments, run_verify),
+    "verify": ("compare every named intermediate (forward_trace) with another implementation's arrays, with timm, or "
+               "between vitnp's two backends", add_verify_arguments, run_verify),
     "attention": ("draw the class token's attention per head (DINO / ViT / DeiT) as a PNG grid",
                   add_attention_arguments, run_attention),
     "embed": ("features, logits or top-k classes of a whole image collection on a Dask cluster, to Parquet shards "
               "(resumable; needs vitnp[scale])", add_embed_arguments, run_embed),
 }
+
+# The subcommands that run a model: ``main`` fixes malloc's thresholds for them (:func:`vitnp.memory.keep_freed_memory`)
+RUNS_A_MODEL = ("demo", "predict", "verify", "attention", "embed")
 
 
 def build_parser():
@@ -386,6 +418,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command in RUNS_A_MODEL:
+        memory.keep_freed_memory()
     try:
         return args.run(args)
     except (CommandError, ValueError) as error:

@@ -16,6 +16,9 @@ a copy each, and a worker that Dask restarts rebuilds the model without the clie
 see the weights file (another machine without a shared filesystem), the client builds the model and broadcasts it
 to every worker with ``client.scatter(..., broadcast=True)``; a task then gets the copy already in its worker's memory.
 
+Each worker process (and this process, with ``workers=0``) fixes glibc malloc's thresholds for itself on its first
+shard (:func:`vitnp.memory.keep_freed_memory`), so that each batch reuses the memory of the one before.
+
 Every batch runs whole on one thread, with the BLAS and vitnp's kernels single-threaded
 (:func:`vitnp.threads.single_threaded`): a worker of ``nthreads`` threads runs that many shards at once, one core
 each, and so uses its own cores and no more, whatever the machine has. ``LocalCluster(threads_per_worker=1)`` gives
@@ -42,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import threads
+from . import memory, threads
 from .predict import IMAGE_SUFFIXES, class_names, top_k
 from .preprocess import model_data_config, preprocess
 
@@ -75,10 +78,12 @@ class Settings(NamedTuple):
 
 
 class ModelRef(NamedTuple):
-    """What a worker needs to build the model itself: the registered name, the weights path, the config hash."""
+    """What a worker needs to build the model itself: the registered name, the weights path, the backend, the config
+    hash."""
 
     name: str
     weights: str
+    backend: str
     key: str
 
 
@@ -194,6 +199,16 @@ def _image_source(path):
 
 _MODEL_LOCK = threading.Lock()  # a worker's task threads build its model once, not once each
 _WORKER_MODEL = {}  # this process's model: {ModelRef.key: model}, one entry
+_FREED_MEMORY_KEPT = False  # has this process fixed malloc's thresholds (memory.keep_freed_memory)?
+
+
+def _keep_freed_memory_once():
+    """Fix glibc malloc's thresholds for this process, on its first shard: a process-wide setting, which each worker
+    process makes for itself."""
+    global _FREED_MEMORY_KEPT
+    if not _FREED_MEMORY_KEPT:
+        memory.keep_freed_memory()
+        _FREED_MEMORY_KEPT = True
 
 
 def _worker_model(source):
@@ -203,7 +218,7 @@ def _worker_model(source):
     if source.key not in _WORKER_MODEL:
         from .registry import create_model
 
-        model = create_model(source.name, weights=source.weights)
+        model = create_model(source.name, weights=source.weights, backend=source.backend)
         _WORKER_MODEL.clear()
         _WORKER_MODEL[source.key] = model
     return _WORKER_MODEL[source.key]
@@ -233,6 +248,7 @@ def run_shard(shard, model_source, settings, out):
     """
     start = time.perf_counter()
     with _MODEL_LOCK:
+        _keep_freed_memory_once()
         model = _worker_model(model_source)
     data_config = model_data_config(model)
     names = class_names(model) if settings.what == "topk" else None
@@ -442,14 +458,16 @@ class _ProgressBar:
 
 
 def embed(source, model, weights, out, what="features", topk=5, batch_size=8, shard_size=256, scheduler=None,
-          workers=None, client=None, progress=True):
+          workers=None, client=None, progress=True, backend=None):
     """Run ``model`` (a registered name) with ``weights`` over every image of ``source`` into Parquet shards in ``out``.
 
     ``what``: 'features' (pre-logits, (rows, num_features)), 'logits' or 'topk' (``topk`` labels, class indices and
     softmax probabilities). Where: ``client`` (a ``distributed.Client``), else ``scheduler`` (an address), else a
     LocalCluster of ``workers`` single-threaded worker processes (default: one per core); ``workers=0`` runs in this
-    process without Dask, ``vitnp.get_num_threads()`` shards at once. Shards already in ``out`` for the same
-    configuration and images are skipped.
+    process without Dask, ``vitnp.get_num_threads()`` shards at once. ``backend``: 'fast', 'reference' or None
+    (``VITNP_BACKEND`` of this process, else 'fast'), the same on every worker. Shards already in ``out`` for the same
+    configuration (the backend included: the two differ in the last bits) and images are skipped; an ``out`` written
+    with another configuration is refused.
 
     Returns a summary: images, rows, errors (unreadable images), shards, and the shard indices ``computed``,
     ``skipped`` (already done) and ``failed`` (their tasks raised or their workers died: re-run to retry them).
@@ -474,12 +492,12 @@ def embed(source, model, weights, out, what="features", topk=5, batch_size=8, sh
     from .registry import create_model
 
     weights = os.path.abspath(os.fspath(weights))
-    the_model = create_model(model, weights=weights)
+    the_model = create_model(model, weights=weights, backend=backend)
     if what != "features" and not the_model.num_classes:
         raise ValueError(f"{model} with these weights has no classification head (num_classes=0): use what='features'")
     config = {"format": FORMAT, "model": model, "weights_sha256": _file_digest(weights), "what": what,
               "topk": min(topk, the_model.num_classes) if what == "topk" else None, "shard_size": shard_size,
-              "source": _source_id(source, paths), "dtype": str(the_model.dtype)}
+              "source": _source_id(source, paths), "dtype": str(the_model.dtype), "backend": the_model.backend}
     config_hash = _sha256(json.dumps(config, sort_keys=True))
     out = os.path.abspath(os.fspath(out))
     _open_out(out, config)
@@ -506,7 +524,7 @@ def embed(source, model, weights, out, what="features", topk=5, batch_size=8, sh
             if in_process:
                 runs = _run_here(pending, the_model, settings, out)
             else:
-                model_ref = ModelRef(model, weights, config_hash)
+                model_ref = ModelRef(model, weights, the_model.backend, config_hash)
                 runs = _run_on_cluster(pending, the_model, model_ref, settings, out, client, scheduler, workers,
                                        progress)
             with closing(runs):

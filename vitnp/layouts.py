@@ -143,7 +143,8 @@ def _layout_named(name):
     for layout in LAYOUTS:
         if layout.name == name:
             return layout
-    raise LayoutError(f"unknown checkpoint layout {name!r}; known layouts: {', '.join(l.name for l in LAYOUTS)}")
+    known = ", ".join(layout.name for layout in LAYOUTS)
+    raise LayoutError(f"unknown checkpoint layout {name!r}; known layouts: {known}")
 
 
 def prepare(weights):
@@ -316,10 +317,10 @@ def _hf_activation(name):
     return acts[name]
 
 
-def describe(path):
+def describe(path, names_of_family):
     """What a checkpoint holds, for ``vitnp inspect``: layout, family, architecture, names that fit, parameter count,
-    stored dtypes, and what unwrapping did."""
-    from . import registry
+    stored dtypes, and what unwrapping did. ``names_of_family(family_name)`` gives {registered name: (family class,
+    arguments)} (:func:`vitnp.registry.family_tables`), to say which names fit."""
     from .weights import read_checkpoint
 
     raw = read_checkpoint(path)
@@ -327,7 +328,7 @@ def describe(path):
     for name in raw.dtypes.values():
         dtypes[name] = dtypes.get(name, 0) + 1
     checkpoint = from_raw(raw.state_dict, raw.hf_config, raw.saved_config)
-    candidates = registry.family_tables(checkpoint.layout.family)
+    candidates = names_of_family(checkpoint.layout.family)
     return {
         "path": str(path),
         "layout": checkpoint.layout.name,

@@ -6,10 +6,9 @@ import os
 # glibc's malloc returns the free memory at the top of its heap to the system once there is more than a threshold of
 # it, and serves each block above another threshold with a mapping of its own; it moves both thresholds as blocks come
 # and go. A forward allocates and frees activations of a few MiB each, and depending on the order of earlier calls the
-# thresholds settled where these pages were given back and faulted in again on every forward: 2,500 page faults per
-# mobilevit_s forward, taken by both threads as they first wrote each output, and the high-resolution blocks ran no
-# faster on two threads than on one. Fixed thresholds keep that memory in the heap for the next forward (A/B,
-# benchmarks/README.md: mobilevit_s batch 1 0.96, batch 8 0.91; ViT and Swin unchanged).
+# thresholds could settle where these pages were given back and faulted in again on every forward, thousands of page
+# faults a forward, taken by the threads as they first wrote each output. Fixed thresholds keep that memory in the heap
+# for the next forward (the effect on the timings is in benchmarks/README.md).
 _MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap (glibc's largest allowed value)
 _TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap before any is given back
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)

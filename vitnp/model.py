@@ -87,6 +87,14 @@ class Module:
             object.__setattr__(module, "ops", ops)
         return self
 
+    def __getstate__(self):  # pickle / deepcopy: the ops module is found again from the backend's name
+        return {name: value for name, value in self.__dict__.items() if name != "ops"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "_backend" in state:
+            object.__setattr__(self, "ops", backend_ops(state["_backend"]))
+
     def named_modules(self, prefix=""):
         yield prefix, self
         for name, child in self._modules.items():

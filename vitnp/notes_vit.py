@@ -166,6 +166,34 @@ class PreNorm(Module):
         return self.fn(self.norm(x))
 
 
+class ResidualPairs(Module):
+    """``transformer.layers`` of seed 000 and of ``vit_pytorch``: a ModuleList of [attention, feed-forward] pairs
+    (keys ``{i}.0``, ``{i}.1``), each branch added to its input, as their ``Transformer.forward``:
+    ``for attn, ff in layers: x = attn(x) + x; x = ff(x) + x``."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        for i, (attn, ff) in enumerate(pairs):
+            layer = Module()
+            setattr(layer, "0", attn)
+            setattr(layer, "1", ff)
+            setattr(self, str(i), layer)
+        self.depth = len(pairs)
+
+    def __call__(self, x, trace=None, path="transformer.layers"):
+        """The layers on tokens x (B, N, D); with ``trace`` (a dict), each branch's output before its add and each
+        layer's output are recorded under their module paths ('{path}.{i}.0', '{path}.{i}.1', '{path}.{i}')."""
+        for i in range(self.depth):
+            layer = getattr(self, str(i))
+            attn = getattr(layer, "0")(x)
+            x = attn + x
+            ff = getattr(layer, "1")(x)
+            x = ff + x
+            if trace is not None:
+                trace.update({f"{path}.{i}.0": attn, f"{path}.{i}.1": ff, f"{path}.{i}": x})
+        return x
+
+
 class MlpHead(Module):
     """The notes' ``mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))``: keys ``mlp_head.0`` and
     ``mlp_head.1``; ``pre_logits=True`` (or no classes) stops after the LayerNorm."""
@@ -205,12 +233,11 @@ class PreNormViT(Model):
         D = cfg.embed_dim
         self.patchembedding = PatchAndPosEmbedding(self.grid_size, cfg.patch_size, cfg.in_chans, D)
         self.transformer = Module()
-        self.transformer.layers = Module()
-        for i in range(cfg.depth):
-            layer = Module()
-            setattr(layer, "0", PreNorm(D, SeparateQKVAttention(D, cfg.num_heads, cfg.head_dim), cfg.norm_eps))
-            setattr(layer, "1", PreNorm(D, GeluGeluMLP(D, cfg.mlp_hidden_dim), cfg.norm_eps))
-            setattr(self.transformer.layers, str(i), layer)
+        self.transformer.layers = ResidualPairs([
+            (PreNorm(D, SeparateQKVAttention(D, cfg.num_heads, cfg.head_dim), cfg.norm_eps),
+             PreNorm(D, GeluGeluMLP(D, cfg.mlp_hidden_dim), cfg.norm_eps))
+            for _ in range(cfg.depth)
+        ])
         self.num_classes = cfg.num_classes
         self.mlp_head = MlpHead(D, cfg.num_classes, cfg.norm_eps)
 
@@ -218,12 +245,25 @@ class PreNormViT(Model):
         """(B, C, H, W) -> (B, N + 1, D): embedding, then x = attn(x) + x; x = ff(x) + x per layer (no final norm)."""
         x = self.check_input(x)
         x = self.patchembedding(x)  # (B, N + 1, D)
-        for i in range(self.cfg.depth):
-            layer = getattr(self.transformer.layers, str(i))
-            attn, ff = getattr(layer, "0"), getattr(layer, "1")
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return self.transformer.layers(x)
+
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names are the module paths of seed 000's PyTorch code: 'patchembedding' (B, N + 1, D: patches, class token,
+        position embedding); per layer i 'transformer.layers.{i}.0' and 'transformer.layers.{i}.1' (the attention's
+        and the MLP's PreNorm outputs, before their residual adds) and 'transformer.layers.{i}' (the layer's output);
+        'mlp_head.0' (the pooled token's LayerNorm, which is also 'pre_logits'); 'logits' (only with a head). Same
+        steps as ``forward_features`` + ``forward_head``.
+        """
+        x = self.check_input(x)
+        trace = {}
+        x = trace["patchembedding"] = self.patchembedding(x)  # (B, N + 1, D)
+        x = self.transformer.layers(x, trace)
+        trace["mlp_head.0"] = trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
 
     def forward_head(self, x, pre_logits=False):
         """Pool (class token, or the mean of all tokens), then ``mlp_head`` (LayerNorm, Linear)."""
@@ -347,6 +387,29 @@ class TorchEncoderViT(Model):
             x = getattr(self.encoder_blocks.layers, str(i))(x)
         return x
 
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names are the module paths of seed 003's PyTorch code: 'embedding_block' (B, N + 1, D: patches, class token,
+        position embedding); per layer i, with L = 'encoder_blocks.layers.{i}', 'L.self_attn' (the attention's
+        output, before the residual add), 'L.linear2' (the feed-forward's output, before its residual add) and 'L'
+        (the layer's output); 'mlp_head.0' (the class token's LayerNorm, which is also 'pre_logits'); 'logits' (only
+        with a head). Same steps as ``forward_features`` + ``forward_head``.
+        """
+        x = self.check_input(x)
+        trace = {}
+        x = trace["embedding_block"] = self.embedding_block(x)  # (B, N + 1, D)
+        for i in range(self.cfg.depth):
+            layer, path = getattr(self.encoder_blocks.layers, str(i)), f"encoder_blocks.layers.{i}"
+            attn = trace[f"{path}.self_attn"] = layer.self_attn(layer.norm1(x))
+            x = x + attn
+            feed_forward = trace[f"{path}.linear2"] = layer.linear2(layer.linear1(layer.norm2(x), act="gelu"))
+            x = trace[path] = x + feed_forward
+        trace["mlp_head.0"] = trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
+
     def forward_head(self, x, pre_logits=False):
         """``mlp_head(x[:, 0, :])``: LayerNorm, Linear on the class token."""
         return self.mlp_head(x[:, 0], pre_logits)
@@ -446,12 +509,11 @@ class LucidrainsViT(Model):
         setattr(self.to_patch_embedding, "3", LayerNorm(D, cfg.norm_eps))
         self.transformer = Module()
         self.transformer.norm = LayerNorm(D, cfg.norm_eps)
-        self.transformer.layers = Module()
-        for i in range(cfg.depth):
-            layer = Module()
-            setattr(layer, "0", LucidrainsAttention(D, cfg.num_heads, cfg.head_dim, cfg.norm_eps))
-            setattr(layer, "1", LucidrainsFeedForward(D, cfg.mlp_dim, cfg.norm_eps))
-            setattr(self.transformer.layers, str(i), layer)
+        self.transformer.layers = ResidualPairs([
+            (LucidrainsAttention(D, cfg.num_heads, cfg.head_dim, cfg.norm_eps),
+             LucidrainsFeedForward(D, cfg.mlp_dim, cfg.norm_eps))
+            for _ in range(cfg.depth)
+        ])
         self.num_classes = cfg.num_classes
         if cfg.num_classes:
             self.mlp_head = Linear(D, cfg.num_classes)
@@ -464,21 +526,45 @@ class LucidrainsViT(Model):
         N = patches.shape[1]
         return patches.reshape(B, N, C, p, p).transpose(0, 1, 3, 4, 2).reshape(B, N, p * p * C)
 
+    def embed_patches(self, x):
+        """``to_patch_embedding``: patches with the channel fastest, LayerNorm, Linear, LayerNorm: (B, N, D)."""
+        norm_in, linear, norm_out = (getattr(self.to_patch_embedding, i) for i in ("1", "2", "3"))
+        return norm_out(linear(norm_in(self.patch_tokens(x))))
+
+    def add_tokens(self, x):
+        """The class token prepended (pool 'cls'), then the position embedding added: (B, N, D) -> (B, tokens, D)."""
+        cls_tokens = np.broadcast_to(self.cls_token, (len(x),) + self.cls_token.shape)  # (B, 1 or 0, D)
+        x = np.concatenate([cls_tokens, x], axis=1)  # (B, tokens, D)
+        return x + self.pos_embedding[: x.shape[1]]
+
     def forward_features(self, x):
         """(B, C, H, W) -> (B, tokens, D): patch embedding, [class token], position, blocks, ``transformer.norm``."""
         x = self.check_input(x)
-        norm_in, linear, norm_out = (getattr(self.to_patch_embedding, i) for i in ("1", "2", "3"))
-        x = norm_out(linear(norm_in(self.patch_tokens(x))))  # (B, N, D)
-        B, N, D = x.shape
-        cls_tokens = np.broadcast_to(self.cls_token, (B,) + self.cls_token.shape)  # (B, 1 or 0, D)
-        x = np.concatenate([cls_tokens, x], axis=1)  # (B, tokens, D)
-        x = x + self.pos_embedding[: x.shape[1]]
-        for i in range(self.cfg.depth):
-            layer = getattr(self.transformer.layers, str(i))
-            attn, ff = getattr(layer, "0"), getattr(layer, "1")
-            x = attn(x) + x
-            x = ff(x) + x
+        x = self.embed_patches(x)  # (B, N, D)
+        x = self.add_tokens(x)  # (B, tokens, D)
+        x = self.transformer.layers(x)
         return self.transformer.norm(x)
+
+    def forward_trace(self, x):
+        """Every named intermediate of ``model(x)``, in order: {name: array}, for checking another implementation.
+
+        Names are the module paths of ``vit_pytorch.ViT``: 'to_patch_embedding' (B, N, D); 'dropout' (the output of
+        its embedding dropout: class token and position embedding added, (B, tokens, D)); per layer i
+        'transformer.layers.{i}.0' and 'transformer.layers.{i}.1' (the attention's and the feed-forward's outputs,
+        before their residual adds) and 'transformer.layers.{i}' (the layer's output); 'transformer.norm'
+        (forward_features); 'pre_logits' (pooled; every token when num_classes=0); 'logits' (only with a head). Same
+        steps as ``forward_features`` + ``forward_head``.
+        """
+        x = self.check_input(x)
+        trace = {}
+        x = trace["to_patch_embedding"] = self.embed_patches(x)  # (B, N, D)
+        x = trace["dropout"] = self.add_tokens(x)  # (B, tokens, D)
+        x = self.transformer.layers(x, trace)
+        x = trace["transformer.norm"] = self.transformer.norm(x)
+        trace["pre_logits"] = self.forward_head(x, pre_logits=True)
+        if self.num_classes:
+            trace["logits"] = self.forward_head(x)
+        return trace
 
     def forward_head(self, x, pre_logits=False):
         """Pool (mean of all tokens, or the class token), then ``mlp_head``; every token when num_classes=0."""

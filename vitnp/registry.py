@@ -71,7 +71,8 @@ def create_model(name, weights=None, num_classes=None, dtype=np.float32, seed=0,
     allowed = {f.name for f in fields(family.Config)} - set(family.fixed_by_name)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"unknown argument(s) for {name}: {', '.join(unknown)}; accepted: {', '.join(sorted(allowed))}")
+        accepted = ", ".join(sorted(allowed))
+        raise ValueError(f"unknown argument(s) for {name}: {', '.join(unknown)}; accepted: {accepted}")
     checkpoint = None
     if weights is not None:  # read, detect the layout, convert to the family's names
         checkpoint = layouts.prepare(weights)

@@ -2,9 +2,11 @@
 
 The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names (ViT:
 'patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm'; Swin: 'patch_embed',
-'layers.{i}.downsample', 'layers.{i}.blocks.{j}', 'norm'; MobileViT: 'stem', 'stages.{s}.{b}', 'final_conv'; all:
-'pre_logits', 'logits'), or timm's model of the same architecture run in this process on the same weights
-(:func:`torch_reference`), hooked at the modules those names are the paths of.
+'layers.{i}.downsample', 'layers.{i}.blocks.{j}', 'norm'; MobileViT: 'stem', 'stages.{s}.{b}', 'final_conv'; the
+notes' and lucidrains' ViTs: the module paths of their PyTorch code, see their ``forward_trace``; all: 'pre_logits',
+'logits'), or timm's model of the same architecture run in this process on the same weights
+(:func:`torch_reference`), hooked at the modules those names are the paths of, or the same model on vitnp's
+reference backend (:func:`compare_backends`: the fast backend checked against the readable formulas, no torch).
 """
 
 import numpy as np
@@ -59,6 +61,26 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def _random_input(model, size, seed=0, batch=1):
+    """A seeded standard-normal (batch, in_chans, height, width) array in the model's dtype; size: (height, width)."""
+    return np.random.default_rng(seed).standard_normal((batch, model.in_chans, *size)).astype(model.dtype)
+
+
+def compare_backends(model, image_size=None, seed=0):
+    """The fast backend's ``forward_trace`` against the reference backend's, on ``model``'s weights and a seeded random
+    batch of two images (two, so that a kernel mixing up a batch's items shows), ``image_size`` square or the model's
+    size: the rows of :func:`compare_traces`. Any family; no torch. ``model`` is left on the backend it was on."""
+    size = (image_size, image_size) if image_size else tuple(model.img_size)
+    x = _random_input(model, size, seed, batch=2)
+    backend = model.backend
+    try:
+        expected = model.set_backend("reference").forward_trace(x)
+        actual = model.set_backend("fast").forward_trace(x)
+    finally:
+        model.set_backend(backend)
+    return compare_traces(actual, expected, model.dtype)
+
+
 def torch_reference(model, image_size=None, seed=0):
     """Run timm's model of ``model``'s architecture, with its weights, on a seeded random input; returns
     (input, {name: array}) from forward hooks at the timm modules the trace's names are the paths of."""
@@ -85,7 +107,7 @@ def torch_reference(model, image_size=None, seed=0):
     modules = dict(reference.named_modules())
     for name, path in hooked.items():
         modules[path].register_forward_hook(keep(name))
-    x = np.random.default_rng(seed).standard_normal((1, model.in_chans, size, size)).astype(model.dtype)
+    x = _random_input(model, (size, size), seed)
     with torch.no_grad():
         features = reference.forward_features(torch.from_numpy(x))
         if family != "MobileViT":  # its forward_features output is the hooked final_conv's

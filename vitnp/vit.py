@@ -64,7 +64,9 @@ class VisionTransformer(Model):
                 f"pos_embed_resample must be one of {POS_EMBED_RESAMPLERS}, got {cfg.pos_embed_resample!r}"
             )
         if cfg.distilled and cfg.representation_size:
-            raise ValueError("a distilled (DeiT) model has no representation (pre-logits) layer: drop representation_size")
+            raise ValueError(
+                "a distilled (DeiT) model has no representation (pre-logits) layer: drop representation_size"
+            )
         img_size = _pair(cfg.img_size)
         if img_size[0] % cfg.patch_size or img_size[1] % cfg.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {cfg.patch_size}")

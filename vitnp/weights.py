@@ -127,7 +127,8 @@ def _read_member(path, archive, info):
         return np.zeros(shape, dtype=dtype, order="F" if fortran_order else "C")
     if data_offset + expected > os.path.getsize(path):
         raise WeightsFileError(f"{path}: entry {_key(info.filename)!r} runs past the end of the file (truncated)")
-    mapped = np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran_order else "C")
+    order = "F" if fortran_order else "C"
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order=order)
     return np.asarray(mapped)  # a plain read-only ndarray view of the mapping, aligned or not
 
 

@@ -80,13 +80,15 @@ def classify(model, x):
     return first_call, float(np.median(timings)), logits
 
 
-def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR):
-    """Classify every sample, print each prediction beside the truth, the accuracy and the time per image."""
+def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR, backend=None):
+    """Classify every sample, print each prediction beside the truth, the accuracy and the time per image.
+
+    ``backend``: 'fast', 'reference' or None (``VITNP_BACKEND``, else 'fast'), as for :func:`vitnp.create_model`."""
     out = out or sys.stdout
     paths = sample_paths(samples_dir)
     if not paths:
         raise ValueError(f"no sample images (*.png) in {samples_dir}")
-    model = create_model(MODEL_NAME, weights=weights)
+    model = create_model(MODEL_NAME, weights=weights, backend=backend)
     labels = np.array([sample_label(path) for path in paths])
     x = load_samples(paths, model.data_config)
     first_call, batch_seconds, logits = classify(model, x)
@@ -115,9 +117,9 @@ def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR):
         print(f"{name:<18} {label:>5} {prediction:>9} {probs[prediction]:>6.3f}{mark}", file=out)
     print("", file=out)
     print(f"accuracy: {int(correct.sum())}/{len(paths)} = {100 * result.accuracy:.1f}%", file=out)
-    print(f"time: {1000 * result.seconds_per_image:.3f} ms per image (one batch of {len(paths)}, float32, median of "
-          f"{TIMED_RUNS} runs; the first call took {first_call:.2f} s with Numba compiling or loading its cache)",
-          file=out)
+    print(f"time: {1000 * result.seconds_per_image:.3f} ms per image on the {model.backend} backend (one batch of "
+          f"{len(paths)}, float32, median of {TIMED_RUNS} runs; the first call took {first_call:.2f} s with Numba "
+          "compiling or loading its cache)", file=out)
     print("", file=out)
     print(NEXT_STEPS, file=out)
     return result

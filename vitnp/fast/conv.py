@@ -37,9 +37,11 @@ from .vecmath import (
 @numba.njit(cache=True, nogil=True, inline="always")
 def taps_inside(position, stride, padding, kernel_size, size):
     # The taps [first, end) of the window of output position ``position`` (along one axis) that fall inside the map
-    # of ``size`` pixels, not in its padding: the window starts at input pixel position * stride - padding.
+    # of ``size`` pixels, not in its padding: the window starts at input pixel position * stride - padding. A window
+    # wholly in the padding (padding wider than the kernel) has none: end = first, never below it.
     start = position * stride - padding
-    return max(0, -start), min(kernel_size, size - start)
+    first = max(0, -start)
+    return first, max(first, min(kernel_size, size - start))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -73,13 +75,13 @@ def depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, row_pad
     # time (four independent chains, so that each FMA need not wait for the one before), then one vector, then the
     # channels past the last whole vector one by one. SiLU and GELU are applied in the registers (to those last
     # channels in memory), gelu_tanh over the output row. A 3x3 window inside the map (all but MobileViT's edge
-    # pixels) runs its nine taps as one loop of constant length, which LLVM unrolls: 0.87-0.96 of the time of the
-    # two loops over the taps inside, on MobileViT's maps (bit for bit the same sums, tested). At stride 1, with C
-    # whole vectors, four pixels side by side whose windows are inside go together (_depthwise_3x3_four_pixels:
-    # 0.78-0.84 of the time on MobileViT's stride-1 maps in its forward, one thread; at stride 2 four at a time was
-    # 1.3x slower on the 128x128x128 map, so there the pixels stay one at a time). x may be a band of a taller map's
-    # rows (inverted_residual's): the windows of output row i start at x's row i * stride - row_padding, which is
-    # ``padding`` for a whole map; the rows outside x read zero padding.
+    # pixels) runs its nine taps as one loop of constant length, which LLVM unrolls (bit for bit the same sums as the
+    # two loops over the taps inside, tested). At stride 1, with C whole vectors, four pixels side by side whose
+    # windows are inside go together (_depthwise_3x3_four_pixels), sharing the loads of the taps and of the input
+    # pixels their windows overlap on; at stride 2 the windows overlap less and the pixels go one at a time, which
+    # was faster there. x may be a band of a taller map's rows (inverted_residual's): the windows of output row i
+    # start at x's row i * stride - row_padding, which is ``padding`` for a whole map; the rows outside x read zero
+    # padding.
     _, H, W, C = x.shape
     Ho, Wo = out.shape[1], out.shape[2]
     kh, kw = weight.shape[0], weight.shape[1]
@@ -192,12 +194,11 @@ def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act
 # k*k input pixels its window covers, zeros where the window hangs over the map's edge, so the padded map is never
 # built; the channels of several maps side by side, so a conv on their concatenation (MobileViT's fusion conv on
 # cat(shortcut, x)) never builds that either. The output rows are shared out between threads like the depthwise
-# conv's. Measured on the fusion conv's 28x28 maps (96 + 96 channels), one thread: 0.18-0.26 ms against 0.24-0.37 for
-# NumPy's concatenate, pad and windows copy.
+# conv's.
 #
 # conv2d runs the same conv without the whole matrix: a band of output rows at a time, its im2col rows written to a
-# scratch that stays in the L2 cache and the GEMM run on them right away, so that the matrix (7 MiB for the fusion conv
-# of MobileViT's 32x32 maps) never goes through memory. The bands are shared out between threads.
+# scratch that stays in the L2 cache and the GEMM run on them right away, so that the matrix (megabytes for the fusion
+# conv of MobileViT's larger maps) never goes through memory. The bands are shared out between threads.
 
 
 @jit
@@ -353,8 +354,7 @@ def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none"
 # they are: the sums of conv2d on the images made NHWC, in the same order, so the same values bit for bit. Each output
 # vector of channels (one half of a packed weight's panel) sums the window's taps in (u, v, c) order, each pixel value
 # broadcast from its channel plane; eight pixels side by side whose windows are inside the image share each weight
-# load. Measured on mobilevit_s's stem, one thread: 0.28 ms against 0.98 for the NHWC copy and conv2d, whose im2col
-# rows are 27 values long and whose one panel is half padding.
+# load. It saves the NHWC copy of the images, and conv2d's im2col rows of 27 values on a panel that is half padding.
 
 
 @jit

@@ -165,11 +165,10 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
 # ---------------------------------------------------------------------------------------------------------------------
 # A transformer block over many short sequences, a chunk of sequences at a time
 #
-# MobileViT's transformers run on patch_size^2 sequences an image (4 at batch 1) of 16 to 256 tokens: ops of tens to
-# hundreds of microseconds, too small to share out one by one; run as one chunk of sequences per thread, from Python,
-# the two threads waited on each other for the GIL between ops (stage 4's transformer was no faster on two threads than
-# on one). Here a chunk of whole sequences goes through the whole block in one call that holds no GIL: the same
-# kernels on the same rows as layers.Block's steps, so the same bits (tested).
+# MobileViT's transformers run on patch_size^2 sequences an image (4 at batch 1) of 16 to 256 tokens: ops too small to
+# share out one by one; run as one chunk of sequences per thread from Python, the threads wait on each other for the
+# GIL between ops. Here a chunk of whole sequences goes through the whole block in one call that holds no GIL: the
+# same kernels on the same rows as layers.Block's steps on this backend, so the same bits (tested).
 # ---------------------------------------------------------------------------------------------------------------------
 
 

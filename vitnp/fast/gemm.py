@@ -37,9 +37,10 @@ from .vecmath import (
     vzeros,
 )
 
-L2_ROWS_BYTES = 1 << 19  # a block of rows of x that stays in the L2 cache (512 KiB; measured against 256 KiB, 1 MiB)
-_FEW_PANELS = 16  # a product of fewer panels is shared out by blocks of rows too (measured: 6 panels 0.89 of the time,
-# 24 and 48 panels 1.07 and 1.20: there each thread's panels reuse the rows better)
+L2_ROWS_BYTES = 1 << 19  # a block of rows of x that stays in the L2 cache (512 KiB: faster than 256 KiB or 1 MiB)
+# A product of fewer panels than this is shared out by blocks of rows too, so that the threads split the rows instead of
+# each streaming all of x for its panel or two; with more panels, each thread's panels reuse the rows better.
+_FEW_PANELS = 16
 
 
 def panel_width(dtype):
@@ -57,13 +58,11 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
     # y[:, panel columns] = act((x @ W[panel columns]^T) * scale + shift) + residual for the panels in [first_panel,
     # end_panel). x (rows, depth) C-contiguous; panels (n_panels, depth, width = 2 lanes): panels[p, k, c] = W[p *
     # width + c, k], zero past the last of W's n_columns columns (a panel that is half padding is computed on its first
-    # vector alone: measured 0.90-0.94 of the time on MobileViT's 144-column and head_dim-36 products, ViT's attention
-    # with its 197 keys); scale, shift and the rows of y padded to n_panels * width columns; act an index into
-    # ACTIVATIONS; residual (rows, out_features), or (0, 0): none. The rows go in blocks of block_rows that stay in the
-    # L2 cache while the panels pass over them. SiLU, GELU and the residual's add are applied to the tile in its
-    # registers; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue. (Measured,
-    # one thread: the residual's add on MobileViT's and Swin's proj / fc2 shapes took 1.3-2.5 ns per value through the
-    # tile in memory, 0.6-1.1 in the registers.)
+    # vector alone: MobileViT's 144-column and head_dim-36 products, attention over 197 keys); scale, shift and the
+    # rows of y padded to n_panels * width columns; act an index into ACTIVATIONS; residual (rows, out_features), or
+    # (0, 0): none. The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over them.
+    # SiLU, GELU and the residual's add are applied to the tile in its registers, which saves the tile a trip through
+    # memory; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue.
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -264,7 +263,7 @@ def padded_vector(values, fill, padded_columns, out_features, dtype):
     # ``values`` (out_features,) then ``fill`` up to padded_columns, or ``fill`` throughout for None. The kernels only
     # read them: a constant vector is made once, and a given one that needs no padding is used as it is when it is a
     # contiguous, writable array of ``dtype`` (a read-only one would make Numba compile the kernels again, for
-    # read-only arrays). Copying them on every call cost ~1.7 microseconds a GEMM.
+    # read-only arrays): a copy on every call would cost more than a small GEMM's arithmetic.
     if values is None:
         return constant_vector(fill, padded_columns, np.dtype(dtype))
     values = np.asarray(values)

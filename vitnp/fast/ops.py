@@ -164,18 +164,20 @@ def window_reverse(windows, window_size, H, W, shift=(0, 0), residual=None):
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1, scale=None, act="none", residual=None):
     """:func:`vitnp.reference.ops.conv2d`: depthwise by its own kernel; NCHW input images (an NHWC view of them)
-    read in place; 3x3 at stride 1 by Winograd's F(2x2, 3x3); 1x1 as a Linear over the channels; any other as a
-    Linear over the im2col rows, a band of rows at a time. The scale, bias, activation and residual are applied as each
-    output tile is written."""
+    read in place unless a residual is added; 3x3 at stride 1 by Winograd's F(2x2, 3x3); 1x1 as a Linear over the
+    channels; any other as a Linear over the im2col rows, a band of rows at a time. The scale, bias, activation and
+    residual are applied as each output tile is written (a depthwise conv's residual, which MobileViT has none of, is
+    added after it)."""
+    check_dtypes("conv2d", x[0] if isinstance(x, tuple) else x, weight, bias, scale, residual)
     kernel_size = weight.shape[-1]
     if groups != 1:
-        if isinstance(x, tuple) or residual is not None or not (groups == x.shape[-1] == weight.shape[0]):
-            raise ValueError(f"conv2d: a grouped conv here is depthwise (groups = channels) on one map without a "
-                             f"residual; got groups={groups}, weight {weight.shape}")
-        return conv.depthwise_conv2d(x, weight, stride, padding, scale, bias, act)
-    if not isinstance(x, tuple) and _nhwc_view_of_nchw(x):  # a network's input images: read where they are
-        if residual is not None:
-            raise ValueError("conv2d: a conv on the input images takes no residual")
+        maps = np.concatenate(x, axis=-1) if isinstance(x, tuple) else x  # torch.cat(maps, dim=1)
+        if not (groups == maps.shape[-1] == weight.shape[0]):
+            raise ValueError(f"conv2d: a grouped conv here is depthwise (groups = channels); got groups={groups}, "
+                             f"weight {weight.shape}")
+        y = conv.depthwise_conv2d(maps, weight, stride, padding, scale, bias, act)
+        return y if residual is None else y + residual
+    if not isinstance(x, tuple) and residual is None and _nhwc_view_of_nchw(x):  # input images: read where they are
         return conv.image_conv2d(x.transpose(0, 3, 1, 2), packed(weight, "channels_last"), kernel_size, stride, padding,
                                  bias, act, scale)
     if kernel_size == 3 and stride == 1 and padding == 1 and residual is None:
@@ -226,24 +228,29 @@ def transformer_blocks(x, blocks):
     chunk of whole sequences through the whole block, the chunks shared out between threads: the same values as the
     block's ops one by one. A block with other parameters runs its own forward."""
     for block in blocks:
-        names = {name for name, _ in block.named_parameters()}
-        if names - {"attn.qkv.bias"} != _BLOCK_PARAMETERS:  # not timm's plain Block: its own forward
-            x = block(x)
-            continue
-        attn, mlp = block.attn, block.mlp
-        x = fused.transformer_block(
-            x,
-            norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps),
-            qkv=(packed(attn.qkv.weight), attn.qkv.bias if "attn.qkv.bias" in names else None),
-            proj=(packed(attn.proj.weight), attn.proj.bias),
-            norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
-            fc1=(packed(mlp.fc1.weight), mlp.fc1.bias),
-            fc2=(packed(mlp.fc2.weight), mlp.fc2.bias),
-            num_heads=attn.num_heads,
-            scale=attn.scale,
-            act=mlp.act,
-        )
+        parts = transformer_block_parts(block)
+        x = block(x) if parts is None else fused.transformer_block(x, **parts)
     return x
+
+
+def transformer_block_parts(block):
+    """:func:`vitnp.fast.fused.transformer_block`'s arguments for a timm pre-norm Block (its norms, its Linears
+    packed), or None for a block with other parameters than that Block's."""
+    names = {name for name, _ in block.named_parameters()}
+    if names - {"attn.qkv.bias"} != _BLOCK_PARAMETERS:
+        return None
+    attn, mlp = block.attn, block.mlp
+    return dict(
+        norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps),
+        qkv=(packed(attn.qkv.weight), attn.qkv.bias if "attn.qkv.bias" in names else None),
+        proj=(packed(attn.proj.weight), attn.proj.bias),
+        norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
+        fc1=(packed(mlp.fc1.weight), mlp.fc1.bias),
+        fc2=(packed(mlp.fc2.weight), mlp.fc2.bias),
+        num_heads=attn.num_heads,
+        scale=attn.scale,
+        act=mlp.act,
+    )
 
 
 map_batch = pool.map_batch

@@ -1,7 +1,7 @@
 """The fast backend's threads: a kernel's work shared between the calling thread and helper threads without the GIL
 (:func:`run_shared`), and a batch cut into one chunk per thread (:func:`map_batch`).
 
-Two ways to use the cores, each where it pays (figures in benchmarks/README.md):
+Two ways to use the cores, each where it pays:
 
 - **One image**: the work of each op is cut into chunks that the threads take in turn, inside the Numba kernel and
   without the GIL: the output columns of every Linear, the (image or window, head) pairs of attention, the rows of
@@ -85,13 +85,11 @@ def map_batch(forward, x):
 
 
 # How long a waiting thread spins before it goes to sleep (as reads of a flag, counted on this machine when the first
-# helper starts). 0.07 ms had been enough back to back, but in a forward whose caches other work had emptied the gaps
-# between two shared kernels grew long enough for the helper to fall asleep again and again (not the Python between
-# them, which a sweep leaves as fast): mobilevit_s batch 1 on two threads after a cache sweep 37.2-44.7 ms with
-# 0.07 ms, 31.7-36.6 with 0.5 (31.0-31.5 warm either way; benchmarks/README.md).
+# helper starts): long enough to bridge the gaps between two shared kernels of a forward even when other work has
+# emptied the caches and the kernels run slower, so that a helper does not fall asleep between them.
 _SPIN_SECONDS = 0.0005
 # Work of fewer multiply-adds (or the equivalent) than this runs on the calling thread alone: handing a kernel's
-# chunks to a helper costs ~25 microseconds here, about this much work on one core.
+# chunks to a helper costs about as much as this much work on one core.
 MIN_SHARED_MACS = 1 << 23
 _MAX_HELPERS = 255
 
@@ -182,7 +180,7 @@ class _Helpers:
 
 def _spins_in(seconds):
     """How many reads of a flag :func:`vitnp.fast.schedule.finish_and_wait` makes in ``seconds`` on this machine (the
-    fastest of three timings of 2^16 reads: ~0.27 ns a read on AVX-512 Zen 4, ~2 on AVX2 Zen 3)."""
+    fastest of three timings of 2^16 reads: a read's time varies several-fold between CPUs)."""
     schedule = np.zeros(FINISHED + 1, np.int64)  # job 0, never followed by another: every read is made
     reads = 1 << 16
     fastest = float("inf")

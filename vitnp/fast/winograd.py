@@ -54,7 +54,7 @@ def pack_winograd_weight(weight):
     transformed = np.zeros((4, 4, out_features, padded_C))
     transformed[..., :C] = np.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, weight.astype(np.float64), _WINOGRAD_G)
     transformed = transformed.astype(weight.dtype)
-    panels = np.stack([pack_linear_weight(transformed[i, l]).panels for i in range(4) for l in range(4)])
+    panels = np.stack([pack_linear_weight(transformed[i, j]).panels for i in range(4) for j in range(4)])
     return PackedWeight(panels, out_features)  # panels (16, n_panels, padded_C, width)
 
 

@@ -208,6 +208,8 @@ def window_reverse(windows, window_size, H, W, shift=(0, 0), residual=None):
         raise ValueError(f"{np.shape(windows)[0]} windows is not a whole number of {H}x{W} maps "
                          f"({per_image} windows each)")
     windows = np.ascontiguousarray(windows)
+    if residual is not None and residual.dtype != windows.dtype:
+        raise ValueError(f"window_reverse: residual dtype {residual.dtype} differs from the windows' {windows.dtype}")
     out = np.empty((windows.shape[0] // per_image, H, W, windows.shape[2]), dtype=windows.dtype)
     _window_reverse(windows, wh, ww, out)
     if any(shift):

@@ -61,7 +61,8 @@ def linear(x, weight, bias=None, act="none", residual=None):
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features on its last axis, the weight takes "
                          f"{weight.shape[1]}")
-    y = x @ weight.T  # (..., out)
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # (rows, out): the leading axes as one, so that it is a single GEMM
+    y = y.reshape(*x.shape[:-1], weight.shape[0])  # (..., out)
     if bias is not None:
         y = y + bias
     y = activation(y, act)
@@ -171,15 +172,15 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1, scale=None, act=
     if x.ndim != 4:
         raise ValueError(f"conv2d: expected an NHWC map (B, H, W, C), got shape {x.shape}")
     check_dtypes("conv2d", x, weight, bias, scale, residual)
-    O, C_per_group, kh, kw = weight.shape
+    out_chs, C_per_group, kh, kw = weight.shape
     C = x.shape[-1]
-    if kh != kw or C_per_group * groups != C or groups not in (1, C) or (groups == C and O != C):
+    if kh != kw or C_per_group * groups != C or groups not in (1, C) or (groups != 1 and out_chs != C):
         raise ValueError(f"conv2d: weight {weight.shape} with groups={groups} does not fit an NHWC map of shape "
                          f"{x.shape} (plain convs have groups 1, depthwise ones groups = channels)")
     windows = conv_windows(x, kh, stride, padding)  # (B, Ho, Wo, k, k, C)
     if groups == 1:
         columns = windows.reshape(*windows.shape[:3], kh * kw * C)  # (B, Ho, Wo, k*k*C)
-        y = columns @ weight.transpose(0, 2, 3, 1).reshape(O, kh * kw * C).T  # (B, Ho, Wo, O)
+        y = columns @ weight.transpose(0, 2, 3, 1).reshape(out_chs, kh * kw * C).T  # (B, Ho, Wo, out_chs)
     else:
         y = np.zeros(windows.shape[:3] + (C,), x.dtype)  # (B, Ho, Wo, C)
         for u in range(kh):
