@@ -112,13 +112,16 @@ def _python_files_run(function):
     return files
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
-                                  "notes_prenorm_vit_patch32_256"])
-def test_a_reference_forward_runs_no_code_of_the_engine(name):
-    model = vitnp.create_model(name, backend="reference", img_size=64)
-    x = np.random.default_rng(0).standard_normal((2, model.in_chans, 64, 64)).astype(np.float32)
+@pytest.mark.parametrize(("name", "size"), [
+    ("vit_tiny_patch16_224", 64), ("deit_tiny_distilled_patch16_224", 64), ("swin_tiny_patch4_window7_224", 64),
+    ("mobilevit_xxs", 64), ("notes_prenorm_vit_patch32_256", 64), ("notes_torch_encoder_vit_patch7_28", 28),
+    ("lucidrains_vit_patch32_256", 64),
+])  # a model of each family, at a small size
+def test_a_reference_forward_runs_no_code_of_the_engine(name, size):
+    model = vitnp.create_model(name, backend="reference", img_size=size)
+    x = np.random.default_rng(0).standard_normal((2, model.in_chans, size, size)).astype(np.float32)
     model(x)  # the first call compiles the kernels: the profiled call runs only the forward
-    files = _python_files_run(lambda: (model(x), model.forward_trace(x) if hasattr(model, "forward_trace") else None))
+    files = _python_files_run(lambda: (model(x), model.forward_trace(x)))
     assert any(Path(f).parent == REFERENCE for f in files)  # the profiler sees the reference ops it should
     engine = sorted(f for f in files if FAST in Path(f).parents)
     assert not engine, f"a reference forward of {name} ran {engine}"
