@@ -124,7 +124,7 @@ def _contract_cases():
 
 
 @needs("torch", "timm")
-@pytest.mark.parametrize("name, dtype, backend", _contract_cases())
+@pytest.mark.parametrize("name, dtype, backend", list(_contract_cases()))
 def test_registered_model_matches_its_torch_twin(name, dtype, backend):
     state, x, expected = _expected(name, np.dtype(dtype).name)
     model = vitnp.create_model(name, weights=state, dtype=dtype, backend=backend)

@@ -106,7 +106,8 @@ def patch_embed(x, weight, bias=None):
 
 
 def attention_probs(q, k, scale, bias=None, mask=None):
-    """softmax((q * scale) @ k^T + bias + mask) over the keys, q and k (B, heads, N, head_dim): (B, heads, N, N).
+    """softmax((q * scale) @ k^T + bias + mask) over the keys, q and k (B, heads, N, head_dim): (B, heads, N, N);
+    ``torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)``.
 
     q is scaled before the product, as timm's non-fused path does. ``bias`` (heads, N, N) is Swin's relative position
     bias; ``mask`` (nW, N, N) Swin's shifted-window mask, window w of each image taking mask[w] (timm's
