@@ -271,7 +271,8 @@ def backend_runs(collection, tmp_path_factory):
     root = tmp_path_factory.mktemp("backends")
     listing = root / "list.txt"
     listing.write_text("\n".join(readable[:24]) + "\n")
-    embed(str(listing), MODEL, weights, root / "fast", shard_size=SHARD_SIZE, workers=0, progress=False)
+    embed(str(listing), MODEL, weights, root / "fast", shard_size=SHARD_SIZE, workers=0, progress=False,
+          backend="fast")
     calls = []
     with pytest.MonkeyPatch.context() as monkeypatch:
         break_the_fast_backend(monkeypatch)

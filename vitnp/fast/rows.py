@@ -85,51 +85,38 @@ def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
 
 
 @jit
-def _activation_rows(x, bias, act):
-    # In place: x = act(x + bias), the bias (C,) of the preceding Linear added first, row by row.
-    rows, channels = x.shape
-    for r in range(rows):
-        row = x[r]
-        for c in range(channels):
-            row[c] += bias[c]
-        activate(row, act)
+def _activation_rows(x, act):
+    # In place: x = act(x), row by row
+    for r in range(x.shape[0]):
+        activate(x[r], act)
 
 
 @jit
-def _activation_shared(x, bias, act, schedule, job):
+def _activation_shared(x, act, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _activation_rows(x[begin:end], bias, act)
+        _activation_rows(x[begin:end], act)
         begin, end = take_chunk(schedule, 0)
 
 
-def _activation(name, x, bias, out):
-    x2 = as_rows(x)
-    if bias is None:
-        bias = np.zeros(x2.shape[1], dtype=x2.dtype)
-    y2 = _rows_to_update(x2, out)
-    _share_rows(_activation_shared, (y2, bias, activation_code(name)), y2)
+def _activation(name, x, out):
+    y2 = _rows_to_update(as_rows(x), out)
+    _share_rows(_activation_shared, (y2, activation_code(name)), y2)
     return _result(y2, x.shape, out)
 
 
-def gelu(x, approximate="none", bias=None, out=None):
-    """GELU over any array: ``torch.nn.functional.gelu(x + bias, approximate=approximate)``.
-
-    ``bias`` (shape (C,), optional) is added first, so a Linear's bias add and the activation are one pass over
-    memory. ``out`` may be ``x`` itself for an in-place update. (vitnp's own Linears apply the activation inside the
-    GEMM: :func:`linear`'s ``act``.)
-    """
+def gelu(x, approximate="none", out=None):
+    """GELU over any array: ``torch.nn.functional.gelu(x, approximate=approximate)``; ``out`` may be ``x`` itself for
+    an in-place update. (A Linear followed by GELU applies it inside the GEMM: :func:`vitnp.fast.gemm.linear`'s
+    ``act``.)"""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _activation("gelu" if approximate == "none" else "gelu_tanh", x, bias, out)
+    return _activation("gelu" if approximate == "none" else "gelu_tanh", x, out)
 
 
-def silu(x, bias=None, out=None):
-    """SiLU over any array: ``torch.nn.functional.silu(x + bias)``, the bias (C,) over the last axis.
-
-    As :func:`gelu`: the bias add of a Linear and the activation in one pass; ``out`` may be ``x`` itself.
-    """
-    return _activation("silu", x, bias, out)
+def silu(x, out=None):
+    """SiLU over any array: ``torch.nn.functional.silu(x)``; ``out`` may be ``x`` itself."""
+    return _activation("silu", x, out)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
