@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_reference_ops import random_parameters
+from test_reference_ops import DTYPES, LINEAR_SHAPES, SEEDS, random_parameters
 from tolerances import assert_close
 
 import vitnp
@@ -30,8 +30,6 @@ from vitnp.fast import ops as fast_ops
 from vitnp.fast.attention import attention
 from vitnp.reference import ops as reference
 
-DTYPES = st.sampled_from([np.float32, np.float64])
-SEEDS = st.integers(0, 2**32 - 1)
 pack = gemm.pack_linear_weight
 
 
@@ -163,13 +161,6 @@ def test_in_place_on_a_strided_view(kernel):
 
 
 # ---- the GEMM --------------------------------------------------------------------------------------------------------
-
-LINEAR_SHAPES = st.tuples(
-    st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading axes
-    st.integers(1, 40),  # rows of the last leading axis: tiles of 6 rows and their remainder
-    st.integers(1, 70),  # in_features
-    st.integers(1, 70),  # out_features: panels of 16 or 32 float32 columns (AVX2 / AVX-512), a cut-short last one
-)
 
 
 def _linear_case(draw):

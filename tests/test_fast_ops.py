@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_reference_ops import random_conv_norm_act, random_parameters
+from test_reference_ops import DTYPES, LINEAR_SHAPES, SEEDS, random_conv_norm_act, random_parameters
 from tolerances import assert_close
 
 import vitnp
@@ -30,8 +30,6 @@ from vitnp import layers
 from vitnp.fast import ops as fast
 from vitnp.reference import ops as reference
 
-DTYPES = st.sampled_from([np.float32, np.float64])
-SEEDS = st.integers(0, 2**32 - 1)
 SHAPES = st.tuples(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.integers(1, 300)).map(
     lambda s: (*s[0], s[1])
 )
@@ -85,13 +83,6 @@ def test_every_op_is_compared_between_the_backends():
 
 
 # ---- Linear, rows, patches -------------------------------------------------------------------------------------------
-
-LINEAR_SHAPES = st.tuples(
-    st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading axes
-    st.integers(1, 40),  # rows of the last leading axis: the GEMM's tiles of 6 rows and their remainder
-    st.integers(1, 70),  # in_features
-    st.integers(1, 70),  # out_features: whole panels of 16 or 32 float32 columns and a cut-short last one
-)
 
 
 @compares("linear")

@@ -232,11 +232,11 @@ def test_softmax_is_shift_invariant_and_uniform_on_constant_rows(backend):
 
 # ---- Linear and patches ----------------------------------------------------------------------------------------------
 
-LINEAR_SHAPES = st.tuples(
+LINEAR_SHAPES = st.tuples(  # (leading axes, rows, in_features, out_features); test_fast_ops and test_fast_kernels too
     st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading axes
-    st.integers(1, 40),  # rows of the last leading axis
+    st.integers(1, 40),  # rows of the last leading axis: the fast GEMM's tiles of 6 rows and their remainder
     st.integers(1, 70),  # in_features
-    st.integers(1, 70),  # out_features
+    st.integers(1, 70),  # out_features: the fast GEMM's panels of 16 or 32 float32 columns, a cut-short last one
 )
 
 
