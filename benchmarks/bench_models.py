@@ -57,6 +57,8 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
+from bench_startup import VITNP_PRELUDE, measure_startup, print_startup  # noqa: E402 (this script's folder)
+
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime")
 PEERS = ("torch eager", "onnxruntime")  # the engines every engine's time is compared with
@@ -581,61 +583,11 @@ def print_per_op(row, engine_name, total, ops):
 
 # ----------------------------------------------------------------------------------------------- fresh processes
 
-# The start of every fresh vitnp interpreter: the malloc setting the `vitnp` command makes, then the timer.
-_VITNP_PRELUDE = """
-import json, sys, time
-start = time.perf_counter()
-import numpy as np
-import vitnp
-from vitnp.memory import keep_freed_memory
-keep_freed_memory()
-"""
-
-_STARTUP_CODE = _VITNP_PRELUDE + """
-imported = time.perf_counter()
-model = vitnp.create_model(sys.argv[1], backend=sys.argv[2])
-created = time.perf_counter()
-x = np.zeros((1, model.in_chans, *model.img_size), np.float32)
-model(x)
-first = time.perf_counter()
-model(x)
-second = time.perf_counter()
-print(json.dumps(dict(import_s=imported - start, create_s=created - imported, first_forward_s=first - created,
-                      second_forward_s=second - first)))
-"""
-
-
-def measure_startup(model_name, backend):
-    """Two fresh interpreters sharing one new NUMBA_CACHE_DIR: the first compiles every kernel, the second loads."""
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="vitnp-numba-cache-") as cache_dir:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
-        for state in ("cold", "cached"):
-            start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", _STARTUP_CODE, model_name, backend], env=env,
-                                 capture_output=True, text=True, check=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["process_s"] = time.perf_counter() - start
-            results[state] = result
-    return results
-
-
-def print_startup(model_name, results):
-    print(f"\nstart-up, {model_name} batch 1, a fresh interpreter each (cold: a new, empty NUMBA_CACHE_DIR; cached: "
-          f"the same directory, filled by the cold run)")
-    print("| backend | Numba cache | import vitnp s | create_model s | first forward s | second forward s "
-          "| whole process s |\n|---|---|---|---|---|---|---|")
-    for backend, states in results.items():
-        for state, r in states.items():
-            print(f"| {backend} | {state} | {r['import_s']:.2f} | {r['create_s']:.2f} | {r['first_forward_s']:.2f} "
-                  f"| {r['second_forward_s']:.3f} | {r['process_s']:.2f} |")
-
-
 _MEMORY_CODE = {
-    "vitnp": _VITNP_PRELUDE + """
+    "vitnp": VITNP_PRELUDE + """
 NAME, NPZ, BATCH, THREADS, DTYPE, BACKEND = sys.argv[1:3] + [int(sys.argv[3]), int(sys.argv[4])] + sys.argv[5:7]
 vitnp.set_num_threads(THREADS)
-model = vitnp.create_model(NAME, weights=NPZ, dtype=DTYPE, backend=BACKEND)  # the .npz memory-mapped, not read
+model = vitnp.create_model(NAME, weights=NPZ, dtype=DTYPE, backend=BACKEND)
 model(np.zeros((BATCH, model.in_chans, *model.img_size), DTYPE))
 """,
     "torch eager": """
@@ -670,7 +622,7 @@ with open("/proc/self/status") as status:
 
 
 def write_npz(model_name, state_dict, workdir):
-    """The weights as ``vitnp export`` writes them (every array aligned, so vitnp memory-maps them)."""
+    """The weights as ``vitnp export`` writes them."""
     from vitnp.weights import save_npz
 
     path = os.path.join(workdir, f"{model_name}.npz")
@@ -684,8 +636,8 @@ _vitnp_children_run = set()  # (model, backend) pairs whose fresh-process kernel
 def measure_memory(engine, model_name, npz_path, onnx_path, batch, n_threads, dtype):
     """Peak RSS (MiB) of a fresh interpreter that loads the model and runs one forward of ``batch`` images.
 
-    A vitnp interpreter first runs once unmeasured per (model, backend): the memory-mapped, read-only weights need
-    kernels compiled for them, and LLVM's memory would otherwise count in the first figure.
+    A vitnp interpreter first runs once unmeasured per (model, backend): the read-only weights need kernels compiled
+    for them, and LLVM's memory would otherwise count in the first figure.
     """
     backend = getattr(engine, "backend", "")
     code = (_MEMORY_CODE["vitnp"] if backend else _MEMORY_CODE[engine.name]) + _PEAK_RSS_CODE
@@ -751,13 +703,17 @@ def main(argv=None):
         startup = {}
         if not args.no_startup:
             startup_model = args.startup_model or args.models[0]
-            startup = {backend: measure_startup(startup_model, backend) for backend in VITNP_BACKENDS}
-            print_startup(startup_model, startup)
+            startup = {(startup_model, backend, "float32"): measure_startup(startup_model, backend)
+                       for backend in VITNP_BACKENDS}
+            print("\nstart-up, batch 1, a fresh interpreter each (cold: a new, empty NUMBA_CACHE_DIR; cached: the "
+                  "same directory, filled by the cold run)")
+            print_startup(startup)
 
         if args.json:
             with open(args.json, "w") as f:
+                startup_rows = [dict(model=m, backend=b, dtype=d, **states) for (m, b, d), states in startup.items()]
                 json.dump(dict(command=sys.argv, cpu=cpu_report(), gemm_peak_gflops=gemm_peaks, rows=rows,
-                               startup=startup, blas=blas_report(), numba=numba_report()), f, indent=1)
+                               startup=startup_rows, blas=blas_report(), numba=numba_report()), f, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -63,7 +63,7 @@ def test_demo_in_process(capsys):
 
 
 def test_demo_on_the_reference_backend_prints_the_same_predictions(monkeypatch, capsys):
-    fast = run_demo(out=io.StringIO())
+    fast = run_demo(out=io.StringIO(), backend="fast")
     break_the_fast_backend(monkeypatch)
     assert main(["demo", "--backend", "reference"]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,9 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
+from .kernel_cache import announce_compiling, install_fallback_locator
+
+install_fallback_locator()  # before any kernel is defined: vitnp runs where no cache folder is writable
+
 from .layouts import LayoutError
 from .memory import keep_freed_memory
 from .model import WeightsError, count_params
@@ -14,6 +18,7 @@ __all__ = [
     "LayoutError",
     "WeightsError",
     "WeightsFileError",
+    "announce_compiling",
     "count_params",
     "create_model",
     "data_config",

@@ -22,9 +22,9 @@ def check_backend(name):
     return name
 
 
-def default_backend():
-    """``VITNP_BACKEND`` if set, else 'fast'."""
-    name = os.environ.get("VITNP_BACKEND", "fast")
+def default_backend(unset="fast"):
+    """``VITNP_BACKEND`` if set, else ``unset`` ('fast')."""
+    name = os.environ.get("VITNP_BACKEND", unset)
     if name not in BACKENDS:
         raise ValueError(f"VITNP_BACKEND={name!r}: expected one of {BACKENDS}")
     return name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends import default_backend
 from ..model import count_params
 from ..preprocess import load_image, normalize
 from ..registry import create_model
@@ -83,12 +84,14 @@ def classify(model, x):
 def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR, backend=None):
     """Classify every sample, print each prediction beside the truth, the accuracy and the time per image.
 
-    ``backend``: 'fast', 'reference' or None (``VITNP_BACKEND``, else 'fast'), as for :func:`vitnp.create_model`."""
+    ``backend``: 'fast', 'reference' or None: ``VITNP_BACKEND``, else 'reference'. The demo's ViT is small enough that
+    the engine's speed does not show, and the reference's short kernels compile in about a second where the engine's
+    take several on a first run (its note says so), so that a first ``vitnp demo`` answers within seconds."""
     out = out or sys.stdout
     paths = sample_paths(samples_dir)
     if not paths:
         raise ValueError(f"no sample images (*.png) in {samples_dir}")
-    model = create_model(MODEL_NAME, weights=weights, backend=backend)
+    model = create_model(MODEL_NAME, weights=weights, backend=backend or default_backend(unset="reference"))
     labels = np.array([sample_label(path) for path in paths])
     x = load_samples(paths, model.data_config)
     first_call, batch_seconds, logits = classify(model, x)

@@ -12,8 +12,8 @@ import numpy as np
 from .gemm import gemm_panels, l2_block_rows, panel_width
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import softmax_row
-from .schedule import take_chunk
-from .vecmath import copy, jit
+from .schedule import NO_JOB, take_chunk
+from .vecmath import NO_ACTIVATION, ZERO, copy, jit
 
 
 @jit
@@ -47,7 +47,9 @@ def attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 key_column[d] = k_i[d]
             for p in range(value_panels_count):
                 copy(v_i[p * width : (p + 1) * width], value_panels[p, i])
-        gemm_panels(q, key_panels, ones, zeros, 0, none, attn, 0, key_panels_count, q_block_rows, N)  # q k^T, 0 past N
+        gemm_panels(  # q k^T, 0 past N
+            q, key_panels, ones, zeros, NO_ACTIVATION, none, attn, ZERO, key_panels_count, q_block_rows, N
+        )
         for i in range(N):
             scores = attn[i, :N]  # contiguous: the loops below vectorise
             if bias.shape[0]:
@@ -56,7 +58,8 @@ def attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
                 scores += mask[b % mask.shape[0], i]
             softmax_row(scores)
         gemm_panels(  # @ v
-            attn, value_panels, ones, zeros, 0, none, head_out, 0, value_panels_count, attn_block_rows, head_dim
+            attn, value_panels, ones, zeros, NO_ACTIVATION, none, head_out, ZERO, value_panels_count, attn_block_rows,
+            head_dim,
         )
         for i in range(N):
             copy(head_out[i, :head_dim], out[b, i, h])
@@ -67,7 +70,7 @@ def _attention_shared(qkv, scale, bias, mask, out, width, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
         attention_items(qkv, scale, bias, mask, out, width, begin, end)
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def attention(qkv, scale, bias=None, mask=None):

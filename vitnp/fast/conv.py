@@ -13,7 +13,7 @@ import numpy as np
 from ..reference.ops import conv_output_size
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift, residual_rows
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
-from .schedule import take_chunk
+from .schedule import NO_JOB, take_chunk
 from .vecmath import (
     IN_REGISTERS,
     activate,
@@ -159,7 +159,7 @@ def _depthwise_conv2d_shared(x, weight, scale, shift, act, stride, padding, out,
     begin, end = take_chunk(schedule, job)
     while begin < end:
         depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, padding, out, begin, end)
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def depthwise_conv2d(x, weight, stride=1, padding=0, scale=None, shift=None, act="none"):
@@ -243,7 +243,7 @@ def _im2col_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, c
     begin, end = take_chunk(schedule, job)
     while begin < end:
         _im2col_rows(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, columns[begin * Wo :], begin, end)
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 @jit
@@ -273,7 +273,7 @@ def _conv2d_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, p
                 columns[: bottom - top], panels, scale, shift, act, band_residual, y[top:bottom], first_panel,
                 end_panel, block_rows, n_columns,
             )
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def conv_output_shape(H, W, kh, kw, stride, padding, name, what):
@@ -375,10 +375,11 @@ def _image_conv2d_pixel(x_flat, weights, depth, width, C, H, W, kernel_size, cha
 
 
 @jit
-def _image_conv2d_rows(images, panels, scale, shift, act, kernel_size, stride, padding, y, Ho, Wo, first_row, end_row):
+def _image_conv2d_shared(images, panels, scale, shift, act, kernel_size, stride, padding, y, Ho, Wo, schedule, job):
     # y[(b * Ho + i) * Wo + j, o] = act(scale[o] * sum_{u, v, c} W[o, c, u, v] * images[b, c, i*stride + u - padding,
-    # j*stride + v - padding] + shift[o]) for the output rows b * Ho + i in [first_row, end_row), y's columns whole
-    # vectors (the padding columns from the panels' zero weights). act in the registers, gelu_tanh over each row after.
+    # j*stride + v - padding] + shift[o]) for the output rows b * Ho + i of the chunks this thread takes, y's columns
+    # whole vectors (the padding columns from the panels' zero weights). act in the registers, gelu_tanh over each row
+    # after.
     _, C, H, W = images.shape
     _, depth, width = panels.shape
     lanes = width // 2
@@ -387,55 +388,53 @@ def _image_conv2d_rows(images, panels, scale, shift, act, kernel_size, stride, p
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
     k = kernel_size
-    for row in range(first_row, end_row):
-        b = row // Ho
-        i = row % Ho
-        top = i * stride - padding
-        first_u, end_u = taps_inside(i, stride, padding, k, H)
-        j = 0
-        while j < Wo:
-            first_v, end_v = taps_inside(j, stride, padding, k, W)
-            left = j * stride - padding
-            at = (row * Wo + j) * columns
-            if end_u - first_u == k and first_v == 0 and left + 7 * stride + k <= W:  # eight windows inside the image
-                for vector in range(columns // lanes):
-                    panel_at = (vector // 2) * depth * width + (vector % 2) * lanes
-                    acc0 = acc1 = acc2 = acc3 = acc4 = acc5 = acc6 = acc7 = vzeros(y)
-                    for u in range(k):
-                        for v in range(k):
-                            for c in range(C):
-                                w = vload(weights, panel_at + ((u * k + v) * C + c) * width)  # W[o..., c, u, v]
-                                source = ((b * C + c) * H + top + u) * W + left + v  # images[b, c, top + u, left + v]
-                                acc0 = fma(vbroadcast(x_flat, source), w, acc0)
-                                acc1 = fma(vbroadcast(x_flat, source + stride), w, acc1)
-                                acc2 = fma(vbroadcast(x_flat, source + 2 * stride), w, acc2)
-                                acc3 = fma(vbroadcast(x_flat, source + 3 * stride), w, acc3)
-                                acc4 = fma(vbroadcast(x_flat, source + 4 * stride), w, acc4)
-                                acc5 = fma(vbroadcast(x_flat, source + 5 * stride), w, acc5)
-                                acc6 = fma(vbroadcast(x_flat, source + 6 * stride), w, acc6)
-                                acc7 = fma(vbroadcast(x_flat, source + 7 * stride), w, acc7)
-                    o = vector * lanes
-                    vector_scale, vector_shift = vload(scale, o), vload(shift, o)
-                    for p, acc in enumerate((acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)):
-                        vstore(y_flat, at + p * columns + o, vactivate(fma(acc, vector_scale, vector_shift), act))
-                j += 8
-            else:
-                taps = (first_u, end_u, first_v, end_v)
-                for vector in range(columns // lanes):
-                    acc = _image_conv2d_pixel(x_flat, weights, depth, width, C, H, W, k, b * C, top, left, vector, taps)
-                    o = vector * lanes
-                    vstore(y_flat, at + o, vactivate(fma(acc, vload(scale, o), vload(shift, o)), act))
-                j += 1
-        if act not in IN_REGISTERS:
-            activate(y_flat[row * Wo * columns : (row + 1) * Wo * columns], act)
-
-
-@jit
-def _image_conv2d_shared(images, panels, scale, shift, act, kernel_size, stride, padding, y, Ho, Wo, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _image_conv2d_rows(images, panels, scale, shift, act, kernel_size, stride, padding, y, Ho, Wo, begin, end)
-        begin, end = take_chunk(schedule, 0)
+        for row in range(begin, end):
+            b = row // Ho
+            i = row % Ho
+            top = i * stride - padding
+            first_u, end_u = taps_inside(i, stride, padding, k, H)
+            j = 0
+            while j < Wo:
+                first_v, end_v = taps_inside(j, stride, padding, k, W)
+                left = j * stride - padding
+                at = (row * Wo + j) * columns
+                eight_windows_inside_image = end_u - first_u == k and first_v == 0 and left + 7 * stride + k <= W
+                if eight_windows_inside_image:
+                    for vector in range(columns // lanes):
+                        panel_at = (vector // 2) * depth * width + (vector % 2) * lanes
+                        acc0 = acc1 = acc2 = acc3 = acc4 = acc5 = acc6 = acc7 = vzeros(y)
+                        for u in range(k):
+                            for v in range(k):
+                                for c in range(C):
+                                    w = vload(weights, panel_at + ((u * k + v) * C + c) * width)  # W[o..., c, u, v]
+                                    source = ((b * C + c) * H + top + u) * W + left + v  # images[b, c, top+u, left+v]
+                                    acc0 = fma(vbroadcast(x_flat, source), w, acc0)
+                                    acc1 = fma(vbroadcast(x_flat, source + stride), w, acc1)
+                                    acc2 = fma(vbroadcast(x_flat, source + 2 * stride), w, acc2)
+                                    acc3 = fma(vbroadcast(x_flat, source + 3 * stride), w, acc3)
+                                    acc4 = fma(vbroadcast(x_flat, source + 4 * stride), w, acc4)
+                                    acc5 = fma(vbroadcast(x_flat, source + 5 * stride), w, acc5)
+                                    acc6 = fma(vbroadcast(x_flat, source + 6 * stride), w, acc6)
+                                    acc7 = fma(vbroadcast(x_flat, source + 7 * stride), w, acc7)
+                        o = vector * lanes
+                        vector_scale, vector_shift = vload(scale, o), vload(shift, o)
+                        for p, acc in enumerate((acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)):
+                            vstore(y_flat, at + p * columns + o, vactivate(fma(acc, vector_scale, vector_shift), act))
+                    j += 8
+                else:
+                    taps = (first_u, end_u, first_v, end_v)
+                    for vector in range(columns // lanes):
+                        acc = _image_conv2d_pixel(
+                            x_flat, weights, depth, width, C, H, W, k, b * C, top, left, vector, taps
+                        )
+                        o = vector * lanes
+                        vstore(y_flat, at + o, vactivate(fma(acc, vload(scale, o), vload(shift, o)), act))
+                    j += 1
+            if act not in IN_REGISTERS:
+                activate(y_flat[row * Wo * columns : (row + 1) * Wo * columns], act)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def image_conv2d(images, packed, kernel_size, stride=1, padding=0, bias=None, act="none", scale=None):

@@ -10,8 +10,8 @@ from .conv import conv_output_shape, depthwise_conv2d_rows
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, linear_rows, padded_scale_shift, padded_vector
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import layer_norm_rows
-from .schedule import take_chunk
-from .vecmath import activation_code, copy, copy_leading_columns, jit
+from .schedule import NO_JOB, take_chunk
+from .vecmath import NO_ACTIVATION, ZERO, activation_code, copy, copy_leading_columns, jit
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The MV2 (inverted residual) block in one pass
@@ -27,12 +27,13 @@ from .vecmath import activation_code, copy, copy_leading_columns, jit
 
 
 @jit
-def _inverted_residual_rows(
+def _inverted_residual_shared(
     x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift, depthwise_act,
     stride, padding, project_panels, project_scale, project_shift, project_act, out_chs, shortcut, out, tile_rows,
-    first_row, end_row,
+    parts, schedule, job,
 ):
-    # out[b, i] for the output rows b * Ho + i in [first_row, end_row), tile_rows at a time. x (B, H, W, in); taps
+    # out[b, i] for the output rows b * Ho + i, cut into ``parts`` runs: a chunk of runs is one run of rows, computed
+    # tile_rows at a time, whose first tile expands the rows it shares with the run before again. x (B, H, W, in); taps
     # (k, k, padded_mid), depthwise_scale and _shift (padded_mid,), zero taps and scale 1, shift 0 on the expand GEMM's
     # padding columns; project_panels (mid deep); shortcut the rows of x, or (0, 0): none; out (B, Ho, Wo, padded out).
     B, H, W, in_chs = x.shape
@@ -47,59 +48,43 @@ def _inverted_residual_rows(
     none = np.zeros((0, 0), x.dtype)
     expand_block = l2_block_rows(in_chs, x.itemsize)
     project_block = l2_block_rows(mid, x.itemsize)
-    image = band_top = band_bottom = -1  # the band holds the expanded input rows [band_top, band_bottom) of image
-    row = first_row
-    while row < end_row:
-        b, i = row // Ho, row % Ho
-        n = min(end_row, (b + 1) * Ho, row + tile_rows) - row  # the tile: output rows i .. i + n - 1 of image b
-        top = max(0, i * stride - padding)  # the input rows their windows cover, inside the map
-        bottom = min(H, (i + n - 1) * stride - padding + kernel_size)
-        kept = 0
-        if image == b and band_top <= top < band_bottom:  # rows the tile before expanded: to the band's top
-            kept = band_bottom - top
-            copy(band[(top - band_top) * W * padded_mid : (band_bottom - band_top) * W * padded_mid], band)
-        rows = bottom - top
-        expanded = band[: rows * W * padded_mid].reshape(rows * W, padded_mid)
-        gemm_panels(  # expand 1x1: the band's new rows
-            x_rows[(b * H + top + kept) * W : (b * H + bottom) * W], expand_panels, expand_scale, expand_shift,
-            expand_act, none, expanded[kept * W :], 0, expand_panels.shape[0], expand_block, mid,
-        )
-        image, band_top, band_bottom = b, top, bottom
-        depthwise_out = tile[: n * Wo * padded_mid].reshape(1, n, Wo, padded_mid)
-        depthwise_conv2d_rows(  # the band's windows of output row i + t start at its row t * stride - row_padding
-            expanded.reshape(1, rows, W, padded_mid), taps, depthwise_scale, depthwise_shift, depthwise_act, stride,
-            padding, top - (i * stride - padding), depthwise_out, 0, n,
-        )
-        projected = depthwise_out.reshape(n * Wo, padded_mid)
-        if mid < padded_mid:  # the projection's input without the padding channels
-            unpadded = compact[: n * Wo * mid].reshape(n * Wo, mid)
-            copy_leading_columns(projected, unpadded)
-            projected = unpadded
-        residual = shortcut[row * Wo : (row + n) * Wo] if shortcut.shape[0] else none
-        gemm_panels(  # project 1x1 (+ shortcut)
-            projected, project_panels, project_scale, project_shift, project_act, residual,
-            out_rows[row * Wo : (row + n) * Wo], 0, project_panels.shape[0], project_block, out_chs,
-        )
-        row += n
-
-
-@jit
-def _inverted_residual_shared(
-    x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift, depthwise_act,
-    stride, padding, project_panels, project_scale, project_shift, project_act, out_chs, shortcut, out, tile_rows,
-    parts, schedule, job,
-):
-    # The output rows of the batch cut into ``parts`` runs of rows; a chunk of runs is one run of rows, whose first
-    # tile expands the rows it shares with the run before again.
-    rows = out.shape[0] * out.shape[1]
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _inverted_residual_rows(
-            x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift,
-            depthwise_act, stride, padding, project_panels, project_scale, project_shift, project_act, out_chs,
-            shortcut, out, tile_rows, begin * rows // parts, end * rows // parts,
-        )
-        begin, end = take_chunk(schedule, 0)
+        row, end_row = begin * B * Ho // parts, end * B * Ho // parts
+        image = band_top = band_bottom = -1  # the band holds the expanded input rows [band_top, band_bottom) of image
+        while row < end_row:
+            b, i = row // Ho, row % Ho
+            n = min(end_row, (b + 1) * Ho, row + tile_rows) - row  # the tile: output rows i .. i + n - 1 of image b
+            top = max(0, i * stride - padding)  # the input rows their windows cover, inside the map
+            bottom = min(H, (i + n - 1) * stride - padding + kernel_size)
+            kept = 0
+            if image == b and band_top <= top < band_bottom:  # rows the tile before expanded: to the band's top
+                kept = band_bottom - top
+                copy(band[(top - band_top) * W * padded_mid : (band_bottom - band_top) * W * padded_mid], band)
+            rows = bottom - top
+            expanded = band[: rows * W * padded_mid].reshape(rows * W, padded_mid)
+            gemm_panels(  # expand 1x1: the band's new rows
+                x_rows[(b * H + top + kept) * W : (b * H + bottom) * W], expand_panels, expand_scale, expand_shift,
+                expand_act, none, expanded[kept * W :], ZERO, expand_panels.shape[0], expand_block, mid,
+            )
+            image, band_top, band_bottom = b, top, bottom
+            depthwise_out = tile[: n * Wo * padded_mid].reshape(1, n, Wo, padded_mid)
+            depthwise_conv2d_rows(  # the band's windows of output row i + t start at its row t * stride - row_padding
+                expanded.reshape(1, rows, W, padded_mid), taps, depthwise_scale, depthwise_shift, depthwise_act,
+                stride, padding, top - (i * stride - padding), depthwise_out, ZERO, n,
+            )
+            projected = depthwise_out.reshape(n * Wo, padded_mid)
+            if mid < padded_mid:  # the projection's input without the padding channels
+                unpadded = compact[: n * Wo * mid].reshape(n * Wo, mid)
+                copy_leading_columns(projected, unpadded)
+                projected = unpadded
+            residual = shortcut[row * Wo : (row + n) * Wo] if shortcut.shape[0] else none
+            gemm_panels(  # project 1x1 (+ shortcut)
+                projected, project_panels, project_scale, project_shift, project_act, residual,
+                out_rows[row * Wo : (row + n) * Wo], ZERO, project_panels.shape[0], project_block, out_chs,
+            )
+            row += n
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortcut=False, tile_rows=None):
@@ -173,48 +158,36 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
 
 
 @jit
-def _transformer_block_sequences(
-    x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale, proj_shift,
-    norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels, fc2_scale, fc2_shift,
-    heads, attention_scale, out, first, end,
-):
-    # out[s] = layers.Block's forward of sequence x[s] (N, dim) for s in [first, end)
-    _, N, dim = x.shape
-    head_dim = dim // heads
-    sequences = end - first
-    rows = sequences * N
-    none = np.zeros((0, 0), x.dtype)
-    x_rows = x[first:end].reshape(rows, dim)
-    h = np.empty((rows, dim), x.dtype)
-    layer_norm_rows(x_rows, norm1_weight, norm1_bias, norm1_eps, h)  # norm1(x)
-    qkv = linear_rows(h, qkv_panels, qkv_scale, qkv_shift, 0, none, 3 * dim)
-    attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
-    no_bias = np.zeros((0, 0, 0), x.dtype)
-    qkv = qkv.reshape(sequences, N, 3, heads, head_dim)  # (sequences, N, 3, heads, head_dim), as Attention's
-    attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], 0, sequences * heads)
-    x_rows = linear_rows(attended.reshape(rows, dim), proj_panels, proj_scale, proj_shift, 0, x_rows, dim)  # x + attn
-    layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)
-    hidden = linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1])  # act(fc1(.))
-    x_rows = linear_rows(hidden, fc2_panels, fc2_scale, fc2_shift, 0, x_rows, dim)  # x + fc2(.)
-    out_rows = out[first:end].reshape(rows, dim)
-    for r in range(rows):
-        copy(x_rows[r], out_rows[r])
-
-
-@jit
 def _transformer_block_shared(
     x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale, proj_shift,
     norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels, fc2_scale, fc2_shift,
     heads, attention_scale, out, schedule, job,
 ):
+    # out[s] = layers.Block's forward of sequence x[s] (N, dim) for the sequences s of the chunks this thread takes
+    _, N, dim = x.shape
+    head_dim = dim // heads
+    none = np.zeros((0, 0), x.dtype)
+    no_bias = np.zeros((0, 0, 0), x.dtype)
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _transformer_block_sequences(
-            x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale,
-            proj_shift, norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels,
-            fc2_scale, fc2_shift, heads, attention_scale, out, begin, end,
-        )
-        begin, end = take_chunk(schedule, 0)
+        sequences = end - begin
+        rows = sequences * N
+        x_rows = x[begin:end].reshape(rows, dim)
+        h = np.empty((rows, dim), x.dtype)
+        layer_norm_rows(x_rows, norm1_weight, norm1_bias, norm1_eps, h)  # norm1(x)
+        qkv = linear_rows(h, qkv_panels, qkv_scale, qkv_shift, NO_ACTIVATION, none, 3 * dim)
+        attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
+        qkv = qkv.reshape(sequences, N, 3, heads, head_dim)  # (sequences, N, 3, heads, head_dim), as Attention's
+        attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], ZERO, sequences * heads)
+        attended_rows = attended.reshape(rows, dim)
+        x_rows = linear_rows(attended_rows, proj_panels, proj_scale, proj_shift, NO_ACTIVATION, x_rows, dim)  # x + attn
+        layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)
+        hidden = linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1])  # act(fc1(.))
+        x_rows = linear_rows(hidden, fc2_panels, fc2_scale, fc2_shift, NO_ACTIVATION, x_rows, dim)  # x + fc2(.)
+        out_rows = out[begin:end].reshape(rows, dim)
+        for r in range(rows):
+            copy(x_rows[r], out_rows[r])
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def transformer_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads, scale, act):

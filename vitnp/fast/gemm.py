@@ -20,9 +20,10 @@ import numpy as np
 
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import as_rows
-from .schedule import take_chunk
+from .schedule import NO_JOB, take_chunk
 from .vecmath import (
     IN_REGISTERS,
+    ZERO,
     VECTOR_BYTES,
     activate,
     activation_code,
@@ -229,7 +230,7 @@ def _gemm_shared(x, panels, scale, shift, act, residual, y, block_rows, item_row
                 x[top:bottom], panels, scale, shift, act, group_residual, y[top:bottom], first_panel, end_panel,
                 block_rows, n_columns,
             )
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 class PackedWeight(NamedTuple):
@@ -332,7 +333,7 @@ def linear_rows(x, panels, scale, shift, act, residual, out_features):
     # linear()'s product of rows x (rows, depth) on this thread alone, as (rows, out_features)
     rows, depth = x.shape
     y = np.empty((rows, panels.shape[0] * panels.shape[2]), x.dtype)
-    gemm_panels(x, panels, scale, shift, act, residual, y, 0, panels.shape[0], l2_block_rows(depth, x.itemsize),
+    gemm_panels(x, panels, scale, shift, act, residual, y, ZERO, panels.shape[0], l2_block_rows(depth, x.itemsize),
                  out_features)
     if y.shape[1] == out_features:
         return y

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from .pool import MACS_PER_VALUE, run_shared
-from .schedule import take_chunk
+from .schedule import NO_JOB, take_chunk
 from .vecmath import activate, activation_code, jit, max_lanes, scalar_exp, sum_lanes, sum_squares_lanes
 
 
@@ -81,7 +81,7 @@ def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
         layer_norm_rows(x[begin:end], weight, bias, eps, out[begin:end])
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 @jit
@@ -96,7 +96,7 @@ def _activation_shared(x, act, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
         _activation_rows(x[begin:end], act)
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def _activation(name, x, out):
@@ -150,4 +150,4 @@ def _softmax_shared(x, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
         _softmax_rows(x[begin:end])
-        begin, end = take_chunk(schedule, 0)
+        begin, end = take_chunk(schedule, NO_JOB)

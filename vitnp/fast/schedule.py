@@ -10,6 +10,7 @@ op takes).
 """
 
 import numba
+import numpy as np
 from numba.extending import intrinsic
 
 JOB = 0  # schedule[JOB]: the number of the job being run (announced by the calling thread)
@@ -17,6 +18,9 @@ NEXT = 1  # schedule[NEXT]: the first item no thread has taken yet
 TOTAL = 2  # schedule[TOTAL]: the number of items
 THREADS = 3  # schedule[THREADS]: how many threads take part
 FINISHED = 4  # schedule[FINISHED + i]: the last job helper i has finished
+# take_chunk's ``job`` for a thread's later chunks: nothing to announce. An int64, not a literal 0: Numba compiles a
+# jitted function once more for each literal argument a jitted caller passes it (Literal[int](0)).
+NO_JOB = np.int64(0)
 
 
 def element_pointer(context, builder, array_type, array, index):

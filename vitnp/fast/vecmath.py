@@ -454,6 +454,10 @@ ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh")
 _SILU = ACTIVATIONS.index("silu")
 _GELU = ACTIVATIONS.index("gelu")
 IN_REGISTERS = (_SILU, _GELU)  # the activations the GEMM and the depthwise conv apply in registers (vactivate)
+# Ints the kernels pass one another, as int64s: Numba compiles a jitted function once more for each literal argument a
+# jitted caller passes it (``f(x, 0)`` is typed Literal[int](0)), and the GEMM would be compiled up to four times.
+NO_ACTIVATION = np.int64(ACTIVATIONS.index("none"))
+ZERO = np.int64(0)
 
 
 def activation_code(name):

@@ -22,9 +22,10 @@ from .gemm import (
     panel_width,
 )
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
-from .schedule import take_chunk
+from .schedule import NO_JOB, take_chunk
 from .vecmath import (
     IN_REGISTERS,
+    NO_ACTIVATION,
     activate,
     activation_code,
     fma,
@@ -73,66 +74,61 @@ def _times_bt(d0, d1, d2, d3):
 
 
 @jit
-def _winograd_input_rows(maps, channels, H, W, V, first_tile_row, end_tile_row):
+def _winograd_input_shared(maps, channels, H, W, V, schedule, job):
     # V[k, t, c] = (B^T d B)[k // 4, k % 4] for tile t's 4x4 window d of channel c (the maps' channels concatenated,
-    # each map whole vectors of channels), for the tile rows b * th + ty in [first, end): the window of tile (ty, tx)
-    # starts at pixel (2 ty - 1, 2 tx - 1), zero outside the map. B^T goes over the window's columns, then B over the
-    # rows of that, a vector of channels at a time, in registers.
+    # each map whole vectors of channels), for the tile rows b * th + ty of the chunks this thread takes: the window of
+    # tile (ty, tx) starts at pixel (2 ty - 1, 2 tx - 1), zero outside the map. B^T goes over the window's columns, then
+    # B over the rows of that, a vector of channels at a time, in registers.
     th, tw = (H + 1) // 2, (W + 1) // 2
     tiles, padded_C = V.shape[1], V.shape[2]
     plane = tiles * padded_C  # from V[k] to V[k + 1]
     V_flat = V.reshape(-1)
     lanes = vector_lanes(V)
-    for tile_row in range(first_tile_row, end_tile_row):
-        b, ty = tile_row // th, tile_row % th
-        r = 2 * ty - 1  # the window's first row and column
-        for tx in range(tw):
-            q = 2 * tx - 1
-            channel = 0  # of the concatenation, where this map's channels start
-            for m, x_flat in enumerate(maps):
-                Cm = channels[m]
-                for c in range(0, Cm, lanes):
-                    t00, t10, t20, t30 = _times_bt(  # B^T d, column by column
-                        _window_vector(x_flat, b, r, q, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 1, q, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 2, q, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 3, q, H, W, Cm, c),
-                    )
-                    t01, t11, t21, t31 = _times_bt(
-                        _window_vector(x_flat, b, r, q + 1, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 1, q + 1, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 2, q + 1, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 3, q + 1, H, W, Cm, c),
-                    )
-                    t02, t12, t22, t32 = _times_bt(
-                        _window_vector(x_flat, b, r, q + 2, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 1, q + 2, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 2, q + 2, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 3, q + 2, H, W, Cm, c),
-                    )
-                    t03, t13, t23, t33 = _times_bt(
-                        _window_vector(x_flat, b, r, q + 3, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 1, q + 3, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 2, q + 3, H, W, Cm, c),
-                        _window_vector(x_flat, b, r + 3, q + 3, H, W, Cm, c),
-                    )
-                    at = (tile_row * tw + tx) * padded_C + channel + c
-                    for i, (e0, e1, e2, e3) in enumerate(((t00, t01, t02, t03), (t10, t11, t12, t13),
-                                                          (t20, t21, t22, t23), (t30, t31, t32, t33))):
-                        v0, v1, v2, v3 = _times_bt(e0, e1, e2, e3)  # (B^T d) B, row i
-                        vstore(V_flat, at + (4 * i) * plane, v0)
-                        vstore(V_flat, at + (4 * i + 1) * plane, v1)
-                        vstore(V_flat, at + (4 * i + 2) * plane, v2)
-                        vstore(V_flat, at + (4 * i + 3) * plane, v3)
-                channel += Cm
-
-
-@jit
-def _winograd_input_shared(maps, channels, H, W, V, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _winograd_input_rows(maps, channels, H, W, V, begin, end)
-        begin, end = take_chunk(schedule, 0)
+        for tile_row in range(begin, end):
+            b, ty = tile_row // th, tile_row % th
+            r = 2 * ty - 1  # the window's first row and column
+            for tx in range(tw):
+                q = 2 * tx - 1
+                channel = 0  # of the concatenation, where this map's channels start
+                for m, x_flat in enumerate(maps):
+                    Cm = channels[m]
+                    for c in range(0, Cm, lanes):
+                        t00, t10, t20, t30 = _times_bt(  # B^T d, column by column
+                            _window_vector(x_flat, b, r, q, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 1, q, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 2, q, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 3, q, H, W, Cm, c),
+                        )
+                        t01, t11, t21, t31 = _times_bt(
+                            _window_vector(x_flat, b, r, q + 1, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 1, q + 1, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 2, q + 1, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 3, q + 1, H, W, Cm, c),
+                        )
+                        t02, t12, t22, t32 = _times_bt(
+                            _window_vector(x_flat, b, r, q + 2, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 1, q + 2, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 2, q + 2, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 3, q + 2, H, W, Cm, c),
+                        )
+                        t03, t13, t23, t33 = _times_bt(
+                            _window_vector(x_flat, b, r, q + 3, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 1, q + 3, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 2, q + 3, H, W, Cm, c),
+                            _window_vector(x_flat, b, r + 3, q + 3, H, W, Cm, c),
+                        )
+                        at = (tile_row * tw + tx) * padded_C + channel + c
+                        for i, (e0, e1, e2, e3) in enumerate(((t00, t01, t02, t03), (t10, t11, t12, t13),
+                                                              (t20, t21, t22, t23), (t30, t31, t32, t33))):
+                            v0, v1, v2, v3 = _times_bt(e0, e1, e2, e3)  # (B^T d) B, row i
+                            vstore(V_flat, at + (4 * i) * plane, v0)
+                            vstore(V_flat, at + (4 * i + 1) * plane, v1)
+                            vstore(V_flat, at + (4 * i + 2) * plane, v2)
+                            vstore(V_flat, at + (4 * i + 3) * plane, v3)
+                    channel += Cm
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 @jit
@@ -145,12 +141,15 @@ def _winograd_products_shared(V, panels, ones, zeros, M, out_features, schedule,
     while begin < end:
         for k in range(begin // n_panels, (end - 1) // n_panels + 1):
             first_panel, end_panel = max(begin - k * n_panels, 0), min(end - k * n_panels, n_panels)
-            gemm_panels(V[k], panels[k], ones, zeros, 0, none, M[k], first_panel, end_panel, block_rows, out_features)
-        begin, end = take_chunk(schedule, 0)
+            gemm_panels(
+                V[k], panels[k], ones, zeros, NO_ACTIVATION, none, M[k], first_panel, end_panel, block_rows,
+                out_features,
+            )
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 @jit
-def _winograd_output_rows(M, scale, shift, act, out, first_tile_row, end_tile_row):
+def _winograd_output_shared(M, scale, shift, act, out, schedule, job):
     # out's 2x2 block of tile (ty, tx) = act((A^T m A) * scale + shift) for its 16 products m (4x4), A^T = [[1, 1, 1,
     # 0], [0, 1, -1, -1]]; the block's pixels past the map's last row or column are not written.
     _, H, W, padded_out = out.shape
@@ -160,44 +159,39 @@ def _winograd_output_rows(M, scale, shift, act, out, first_tile_row, end_tile_ro
     out_flat = out.reshape(-1)
     lanes = vector_lanes(out)
     m = np.empty(16 * lanes, out.dtype)
-    for tile_row in range(first_tile_row, end_tile_row):
-        b, ty = tile_row // th, tile_row % th
-        for tx in range(tw):
-            t = tile_row * tw + tx
-            for o in range(0, padded_out, lanes):
-                for k in range(16):
-                    vstore(m, k * lanes, vload(M_flat, k * plane + t * padded_out + o))
-                for j in range(4):  # A^T m: rows 0 + 1 + 2 and 1 - 2 - 3 of each column, into rows 0 and 1
-                    m0, m1 = vload(m, j * lanes), vload(m, (4 + j) * lanes)
-                    m2, m3 = vload(m, (8 + j) * lanes), vload(m, (12 + j) * lanes)
-                    vstore(m, j * lanes, vadd(vadd(m0, m1), m2))
-                    vstore(m, (4 + j) * lanes, vsub(vsub(m1, m2), m3))
-                channel_scale, channel_shift = vload(scale, o), vload(shift, o)
-                for i in range(2):  # (A^T m) A on rows 0 and 1: out pixel (2 ty + i, 2 tx + j)
-                    r = 2 * ty + i
-                    if r < H:
-                        s0, s1 = vload(m, i * 4 * lanes), vload(m, (i * 4 + 1) * lanes)
-                        s2, s3 = vload(m, (i * 4 + 2) * lanes), vload(m, (i * 4 + 3) * lanes)
-                        at = ((b * H + r) * W + 2 * tx) * padded_out + o
-                        y = fma(vadd(vadd(s0, s1), s2), channel_scale, channel_shift)
-                        vstore(out_flat, at, vactivate(y, act))
-                        if 2 * tx + 1 < W:
-                            y = fma(vsub(vsub(s1, s2), s3), channel_scale, channel_shift)
-                            vstore(out_flat, at + padded_out, vactivate(y, act))
-            if act not in IN_REGISTERS:
-                for i in range(2):
-                    r = 2 * ty + i
-                    if r < H:
-                        at = ((b * H + r) * W + 2 * tx) * padded_out
-                        activate(out_flat[at : at + min(2, W - 2 * tx) * padded_out], act)
-
-
-@jit
-def _winograd_output_shared(M, scale, shift, act, out, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        _winograd_output_rows(M, scale, shift, act, out, begin, end)
-        begin, end = take_chunk(schedule, 0)
+        for tile_row in range(begin, end):
+            b, ty = tile_row // th, tile_row % th
+            for tx in range(tw):
+                t = tile_row * tw + tx
+                for o in range(0, padded_out, lanes):
+                    for k in range(16):
+                        vstore(m, k * lanes, vload(M_flat, k * plane + t * padded_out + o))
+                    for j in range(4):  # A^T m: rows 0 + 1 + 2 and 1 - 2 - 3 of each column, into rows 0 and 1
+                        m0, m1 = vload(m, j * lanes), vload(m, (4 + j) * lanes)
+                        m2, m3 = vload(m, (8 + j) * lanes), vload(m, (12 + j) * lanes)
+                        vstore(m, j * lanes, vadd(vadd(m0, m1), m2))
+                        vstore(m, (4 + j) * lanes, vsub(vsub(m1, m2), m3))
+                    channel_scale, channel_shift = vload(scale, o), vload(shift, o)
+                    for i in range(2):  # (A^T m) A on rows 0 and 1: out pixel (2 ty + i, 2 tx + j)
+                        r = 2 * ty + i
+                        if r < H:
+                            s0, s1 = vload(m, i * 4 * lanes), vload(m, (i * 4 + 1) * lanes)
+                            s2, s3 = vload(m, (i * 4 + 2) * lanes), vload(m, (i * 4 + 3) * lanes)
+                            at = ((b * H + r) * W + 2 * tx) * padded_out + o
+                            y = fma(vadd(vadd(s0, s1), s2), channel_scale, channel_shift)
+                            vstore(out_flat, at, vactivate(y, act))
+                            if 2 * tx + 1 < W:
+                                y = fma(vsub(vsub(s1, s2), s3), channel_scale, channel_shift)
+                                vstore(out_flat, at + padded_out, vactivate(y, act))
+                if act not in IN_REGISTERS:
+                    for i in range(2):
+                        r = 2 * ty + i
+                        if r < H:
+                            at = ((b * H + r) * W + 2 * tx) * padded_out
+                            activate(out_flat[at : at + min(2, W - 2 * tx) * padded_out], act)
+        begin, end = take_chunk(schedule, NO_JOB)
 
 
 def winograd_conv3x3(maps, packed, bias=None, act="none", scale=None):

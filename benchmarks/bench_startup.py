@@ -1,0 +1,147 @@
+"""Start-up of vitnp: how long a fresh process takes to give its first answer, with an empty kernel cache (cold: as
+right after installing) and with the cache the cold run filled (cached: every later run).
+
+    python benchmarks/bench_startup.py [--models NAME ...] [--backends fast reference] [--dtypes float32 float64]
+                                       [--no-demo] [--json PATH]
+
+For each model, backend and dtype: two fresh interpreters sharing one new, empty NUMBA_CACHE_DIR run import vitnp,
+create_model (random weights) and two forwards of one zero image; the first compiles every kernel the model needs,
+the second loads them. Then the ``vitnp demo`` command, cold and cached, as a whole process. Each row gives the
+phases' wall-clock seconds, the whole process's, and the CPU seconds the process used (user + system, which a busy
+shared machine disturbs less than the wall clock). Each cold run starts from an empty cache: kernels the models
+share are compiled again for each, so every row is that model's first run on a new machine. Needs only vitnp.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+# One model of each family module: vit.py (ViT, DeiT with its distillation token, DINO), swin.py, mobilevit.py and
+# notes_vit.py's three from the notes (lucidrains' ViT, the pre-norm ViT, nn.TransformerEncoder's).
+DEFAULT_MODELS = [
+    "vit_base_patch16_224", "deit_tiny_distilled_patch16_224", "dino_vits8", "swin_tiny_patch4_window7_224",
+    "mobilevit_s", "lucidrains_vit_patch32_256", "notes_prenorm_vit_patch32_256", "notes_torch_encoder_vit_patch7_28",
+]
+
+# The start of every fresh vitnp interpreter: the malloc setting the `vitnp` command makes, then the timer.
+VITNP_PRELUDE = """
+import json, sys, time
+start = time.perf_counter()
+import numpy as np
+import vitnp
+from vitnp.memory import keep_freed_memory
+keep_freed_memory()
+"""
+
+STARTUP_CODE = VITNP_PRELUDE + """
+imported = time.perf_counter()
+model = vitnp.create_model(sys.argv[1], backend=sys.argv[2], dtype=sys.argv[3])
+created = time.perf_counter()
+x = np.zeros((1, model.in_chans, *model.img_size), sys.argv[3])
+model(x)
+first = time.perf_counter()
+model(x)
+second = time.perf_counter()
+print(json.dumps(dict(import_s=imported - start, create_s=created - imported, first_forward_s=first - created,
+                      second_forward_s=second - first)))
+"""
+
+
+def run_child(command, env):
+    """Run ``command``; (its stdout, wall seconds, CPU seconds it used)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return out.stdout, wall, cpu
+
+
+def measure_startup(model_name, backend, dtype="float32"):
+    """{'cold': phases, 'cached': phases}: two fresh interpreters sharing one new NUMBA_CACHE_DIR."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vitnp-numba-cache-") as cache_dir:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
+        for state in ("cold", "cached"):
+            stdout, wall, cpu = run_child([sys.executable, "-c", STARTUP_CODE, model_name, backend, dtype], env)
+            results[state] = {**json.loads(stdout.strip().splitlines()[-1]), "process_s": wall, "cpu_s": cpu}
+    return results
+
+
+def measure_demo():
+    """{'cold': ..., 'cached': ...} of the ``vitnp demo`` command (its default backend) as a whole process."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vitnp-numba-cache-") as cache_dir:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
+        env.pop("VITNP_BACKEND", None)
+        for state in ("cold", "cached"):
+            _, wall, cpu = run_child([sys.executable, "-m", "vitnp.cli", "demo"], env)
+            results[state] = {"process_s": wall, "cpu_s": cpu}
+    return results
+
+
+def print_startup(rows):
+    print("| model | backend | dtype | kernel cache | import vitnp s | create_model s | first forward s "
+          "| second forward s | whole process s | process CPU s |\n|---|---|---|---|---|---|---|---|---|---|")
+    for (model_name, backend, dtype), states in rows.items():
+        for state, r in states.items():
+            print(f"| {model_name} | {backend} | {dtype} | {state} | {r['import_s']:.2f} | {r['create_s']:.2f} "
+                  f"| {r['first_forward_s']:.2f} | {r['second_forward_s']:.3f} | {r['process_s']:.2f} "
+                  f"| {r['cpu_s']:.2f} |")
+
+
+def print_demo(results):
+    print("| command | kernel cache | whole process s | process CPU s |\n|---|---|---|---|")
+    for state, r in results.items():
+        print(f"| `vitnp demo` | {state} | {r['process_s']:.2f} | {r['cpu_s']:.2f} |")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    p.add_argument("--backends", nargs="+", choices=("fast", "reference"), default=["fast", "reference"])
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "float64"), default=["float32"])
+    p.add_argument("--no-demo", action="store_true", help="skip the `vitnp demo` command")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    args = p.parse_args(argv)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}")
+    demo = {}
+    if not args.no_demo:
+        demo = measure_demo()
+        print_demo(demo)
+        print()
+    rows = {}
+    for model_name in args.models:
+        for backend in args.backends:
+            for dtype in args.dtypes:
+                states = rows[model_name, backend, dtype] = measure_startup(model_name, backend, dtype)
+                print(f"  {model_name} {backend} {dtype}: first forward {states['cold']['first_forward_s']:.2f} s "
+                      f"cold, {states['cached']['first_forward_s']:.2f} s cached", file=sys.stderr)
+    print_startup(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command=sys.argv, cpu=cpu_name(), demo=demo,
+                           startup=[dict(model=m, backend=b, dtype=d, **states) for (m, b, d), states in rows.items()]),
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
