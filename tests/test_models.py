@@ -43,6 +43,10 @@ FLOAT32_ONLY = {
     "vit_large_patch16_224": "304M parameters",
     "vit_large_patch32_224": "306M parameters",
     "swin_large_patch4_window12_384": "197M parameters, 384x384",
+    "swinv2_base_window8_256": "88M parameters, 256x256",
+    "swinv2_base_window16_256": "88M parameters, 256x256",
+    "swinv2_base_window12to16_192to256": "88M parameters, 256x256",
+    "swinv2_large_window12to24_192to384": "197M parameters, 384x384",
 }
 
 # DINO's hubconf names are timm's ViT of the same size without a head. (DINO's +0.1 bicubic position-embedding
@@ -147,6 +151,7 @@ def test_the_tables_here_follow_the_registry():
 SMALL = {
     "deit_tiny_distilled_patch16_224": dict(img_size=32, patch_size=8, depth=2),
     "swin_tiny_patch4_window7_224": dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4),
+    "swinv2_tiny_window8_256": dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4),
     "mobilevit_xxs": dict(img_size=64),
     "notes_prenorm_vit_patch32_256": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, head_dim=16,
                                           mlp_hidden_dim=48),

@@ -9,7 +9,7 @@ and attention rollout (Abnar & Zuidema 2020) for supervised ViTs, whose last-blo
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .preprocess import model_data_config, normalize, open_image, preprocess, to_array
+from .preprocess import image_name, model_data_config, normalize, open_image, preprocess, resize, to_array
 
 # inferno, sampled at 0, 1/6, ..., 1 (matplotlib's values rounded to 8 bits), linearly interpolated in between
 _INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
@@ -68,7 +68,7 @@ def load_for_attention(model, image, image_size=None):
     config = model_data_config(model)
     if image_size:
         mode = "L" if config["input_size"][0] == 1 else "RGB"
-        picture = open_image(image, mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        picture = resize(open_image(image, mode), (image_size, image_size), "bilinear", image_name(image))
         x = normalize(to_array(picture), config["mean"], config["std"])
     else:
         x = preprocess(image, config)

@@ -7,11 +7,10 @@ running it on the parsed arguments. A new subcommand is one more entry. Problems
 
 import argparse
 import difflib
-import fnmatch
 import os
 import sys
 
-from . import memory
+from . import kernel_cache, memory
 from .backends import BACKENDS
 
 
@@ -31,13 +30,21 @@ def add_backend_argument(parser, purpose="the backend the model runs on"):
 
 
 def add_list_arguments(parser):
-    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'deit_*' (default: all)")
+    parser.add_argument("pattern", nargs="?", default="",
+                        help="a word the name contains ('swin'), or a shell-style pattern of the whole name "
+                             "('deit_*'); case is ignored (default: all)")
 
 
 def run_list(args):
+    """Print the matching names; none matching is an error (exit 1) with the closest names as a hint."""
     from .registry import list_models
 
-    for name in fnmatch.filter(list_models(), args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        close = difflib.get_close_matches(args.pattern.lower(), list_models(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; vitnp list shows them all"
+        raise CommandError(f"no model matches {args.pattern!r}{hint}")
+    for name in names:
         print(name)
     return 0
 
@@ -53,6 +60,29 @@ def run_demo(args):
     from .demo import run_demo
 
     run_demo(backend=args.backend)
+    return 0
+
+
+# ---- vitnp compile ------------------------------------------------------------------------------------------------
+
+
+def add_compile_arguments(parser):
+    parser.add_argument("--backend", dest="backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="the backends whose kernels to compile (default: both)")
+    parser.add_argument("--dtype", dest="dtypes", nargs="+", choices=("float32", "float64"), default=["float32"],
+                        help="the dtypes to compile them for (default: float32)")
+    parser.add_argument("--processes", type=int, metavar="N", help="compile in N processes at once (default: one "
+                                                                     "per core)")
+
+
+def run_compile(args):
+    from .kernel_cache import compile_kernels
+
+    def report(name, backend, dtype, seconds):
+        print(f"{seconds:7.1f} s  {name} ({backend}, {dtype})", flush=True)
+
+    compile_kernels(args.backends, args.dtypes, args.processes, report)
+    print("the kernels the registered models use are compiled for this CPU: later runs load them from the cache")
     return 0
 
 
@@ -74,7 +104,12 @@ def add_export_arguments(parser):
 
 
 def run_export(args):
-    """Read any layout, convert it to timm's names, write an .npz that loads without torch (config included)."""
+    """Read any layout, convert it to timm's names, write an .npz that loads without torch (config included).
+
+    OUT gets '.npz' appended when it lacks it; an existing folder receives <source name>.npz. The file is written
+    whole beside OUT, checked (--model), then renamed to OUT: OUT may be the source itself, and a failed export leaves
+    it as it was. With --pretrained, an unreachable hub fails at once, saying how to export elsewhere.
+    """
     from .layouts import export_npz
 
     if _is_path(args.source):
@@ -82,14 +117,20 @@ def run_export(args):
             raise CommandError("--pretrained goes with a timm model name, not with a checkpoint file")
         source = args.source
     else:
+        if args.pretrained:
+            check_hub_reachable(args.source)
         source = timm_state_dict(args.source, args.pretrained)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    out = args.out
+    if os.path.isdir(out):  # W.pth, a folder W or a timm name W -> OUT/W.npz
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0]
+        out = os.path.join(out, name + ".npz")
+    elif not out.endswith(".npz"):
+        out += ".npz"
+    check = (lambda written: check_loads(written, args.model)) if args.model else None
     try:
-        checkpoint = export_npz(source, out)
+        checkpoint = export_npz(source, out, check)
     except OSError as error:
         raise CommandError(f"cannot write {out}: {error.strerror or error}") from error
-    if args.model:
-        check_loads(out, args.model)
     params = sum(int(a.size) for a in checkpoint.state_dict.values())
     print(f"wrote {len(checkpoint.state_dict)} tensors, {params:,} parameters ({checkpoint.layout.name} layout) "
           f"to {out}")
@@ -98,6 +139,46 @@ def run_export(args):
 
 def _is_path(source):
     return os.path.exists(source) or os.sep in source or "." in os.path.basename(source)
+
+
+HUB_TIMEOUT = 3.0  # seconds the reachability check of the Hugging Face Hub waits for a connection
+
+
+def check_hub_reachable(name):
+    """Fail at once, saying how to export on a connected machine, when the Hugging Face Hub that timm downloads from
+    (``HF_ENDPOINT``, else huggingface.co; the ``HTTPS_PROXY`` when one is set) takes no TCP connection within
+    :data:`HUB_TIMEOUT` (timm would spend a minute in retries). With ``HF_HUB_OFFLINE`` set timm reads its cache
+    without the network: no check then."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HF_ENDPOINT")
+                or "https://huggingface.co")
+    url = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    failures = [TimeoutError("timed out")]  # until the attempt ends; the name lookup itself takes no timeout
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=HUB_TIMEOUT).close()
+            failures.clear()
+        except OSError as error:
+            failures[0] = error
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(HUB_TIMEOUT)
+    error = next(iter(failures), None)
+    if error is not None:
+        raise CommandError(
+            f"cannot reach {host}:{port} to download timm's pretrained weights for {name} "
+            f"({error.strerror or error}); on a machine with network access run `vitnp export {name} "
+            f"--pretrained -o {name}.npz`, copy {name}.npz here and pass it as --weights (weights already in the "
+            "Hugging Face cache: set HF_HUB_OFFLINE=1)"
+        ) from error
 
 
 def timm_state_dict(name, pretrained):
@@ -174,16 +255,46 @@ def run_inspect(args):
 # ---- vitnp predict ------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser, weights_required=True, backend_purpose="the backend the model runs on"):
+WEIGHTS_REQUIRED, WEIGHTS_OR_RANDOM, WEIGHTS_OPTIONAL = "required", "or random", "optional"
+
+
+def add_model_arguments(parser, weights=WEIGHTS_REQUIRED, backend_purpose="the backend the model runs on"):
+    """--model, --weights and --backend. ``weights``: WEIGHTS_REQUIRED; WEIGHTS_OR_RANDOM for the commands that
+    show a model's output (--weights, or --random-weights on purpose: :func:`create_model_from`); WEIGHTS_OPTIONAL
+    where random weights make a fair test (verify compares two computations with the same weights)."""
     parser.add_argument("--model", required=True, metavar="NAME", help="a registered model name (vitnp list)")
-    parser.add_argument("--weights", required=weights_required, metavar="FILE",
-                        help="weights file or Hugging Face folder, in any layout vitnp reads")
+    parser.add_argument("--weights", required=weights == WEIGHTS_REQUIRED, metavar="FILE",
+                        help="weights file or Hugging Face folder, in any layout vitnp reads" +
+                             (" (default: the model's seeded random init)" if weights == WEIGHTS_OPTIONAL else ""))
+    if weights == WEIGHTS_OR_RANDOM:
+        parser.add_argument("--random-weights", action="store_true",
+                            help="run the model's seeded random init instead of --weights, on purpose (demos, tests): "
+                                 "its output means nothing")
     add_backend_argument(parser, backend_purpose)
+
+
+def create_model_from(args, **options):
+    """The model of --model / --weights / --backend (``options``: more of create_model's arguments). A command that
+    shows a model's output refuses to run without weights unless --random-weights asks for it, and then says on
+    stderr that the weights are random."""
+    from .registry import create_model
+
+    random_weights = getattr(args, "random_weights", False)
+    if random_weights and args.weights:
+        raise CommandError("--weights and --random-weights exclude each other: pass one")
+    if hasattr(args, "random_weights") and not random_weights and not args.weights:
+        raise CommandError(f"no weights for {args.model}: pass --weights FILE (vitnp export writes one from a timm "
+                           "model or a checkpoint), or --random-weights to run its random init on purpose")
+    model = create_model(args.model, weights=args.weights, backend=args.backend, **options)
+    if random_weights:
+        print(f"vitnp {args.command}: warning: {args.model} runs with RANDOM weights (--random-weights): its output "
+              "means nothing", file=sys.stderr)
+    return model
 
 
 def add_predict_arguments(parser):
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
-    add_model_arguments(parser)
+    add_model_arguments(parser, weights=WEIGHTS_OR_RANDOM)
     parser.add_argument("--topk", type=int, default=5, help="how many classes per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("-o", "--out", metavar="OUT",
@@ -192,58 +303,40 @@ def add_predict_arguments(parser):
 
 def run_predict(args):
     """Top-k classes of each image; unreadable files are reported and skipped; exit 1 when any was."""
-    import json
+    from contextlib import nullcontext
 
-    from .predict import expand_inputs, predict_files
-    from .registry import create_model
+    from .predict import ResultsFile, expand_inputs, predict_files
 
     if args.topk < 1 or args.batch_size < 1:
         raise CommandError("--topk and --batch-size must be at least 1")
-    out_format = None
-    if args.out:
-        out_format = os.path.splitext(args.out)[1].lower()
-        if out_format not in (".csv", ".jsonl", ".json"):
-            raise CommandError(f"--out must end in .csv or .jsonl, got {args.out}")
+    if args.out and not args.out.lower().endswith(ResultsFile.FORMATS):
+        raise CommandError(f"--out must end in .csv or .jsonl, got {args.out}")
     paths = expand_inputs(args.images)
     if not paths:
         raise CommandError("no image files found in " + " ".join(args.images))
-    model = create_model(args.model, weights=args.weights, backend=args.backend)
-    failed = 0
-    results = []
+    model = create_model_from(args)
+    results = predict_files(model, paths, topk=args.topk, batch_size=args.batch_size)  # computed as iterated
+    failed = written = 0
     progress = Progress(len(paths)) if args.out else None
-    for result in predict_files(model, paths, topk=args.topk, batch_size=args.batch_size):
-        if "error" in result:
-            failed += 1
-            print(f"vitnp predict: skipped {result['path']}: {result['error']}", file=sys.stderr)
-        elif not args.out:
-            tops = ", ".join(f"{label} {p:.4f}" for _, label, p in result["top"])
-            print(f"{result['path']}: {tops}")
-        results.append(result)
-        if progress:
-            progress.step()
+    with ResultsFile(args.out) if args.out else nullcontext() as out:  # created before the first image is computed
+        for result in results:
+            if "error" in result:
+                failed += 1
+                message = f"vitnp predict: skipped {result['path']}: {result['error']}"
+                if progress:
+                    progress.note(message)
+                else:
+                    print(message, file=sys.stderr)
+            elif out is None:
+                tops = ", ".join(f"{label} {p:.4f}" for _, label, p in result["top"])
+                print(f"{result['path']}: {tops}")
+            if out is not None:
+                out.write(result)
+                written += "error" not in result
+                progress.step()
     if args.out:
-        with open(args.out, "w", newline="", encoding="utf-8") as f:
-            if out_format == ".csv":
-                import csv
-
-                writer = csv.writer(f)
-                writer.writerow(["path", "rank", "class_index", "label", "probability", "error"])
-                for r in results:
-                    for rank, (index, label, p) in enumerate(r.get("top", []), 1):
-                        writer.writerow([r["path"], rank, index, label, f"{p:.6g}", ""])
-                    if "error" in r:
-                        writer.writerow([r["path"], "", "", "", "", r["error"]])
-            else:
-                for r in results:
-                    record = {"path": r["path"]}
-                    if "error" in r:
-                        record["error"] = r["error"]
-                    else:
-                        record["top"] = [{"class_index": i, "label": label, "probability": p}
-                                         for i, label, p in r["top"]]
-                    f.write(json.dumps(record) + "\n")
         skipped = f" ({failed} unreadable)" if failed else ""
-        print(f"wrote {len(results) - failed} predictions to {args.out}{skipped}")
+        print(f"wrote {written} predictions to {args.out}{skipped}")
     return 1 if failed else 0
 
 
@@ -255,6 +348,15 @@ class Progress:
 
     def step(self):
         self.done += 1
+        self._draw()
+
+    def note(self, message):
+        """A message on its own line: the bar is wiped, the message printed, the bar drawn again below it."""
+        print(f"\r{' ' * (self.width + 2 + 2 * len(str(self.total)) + 2)}\r{message}", file=sys.stderr)
+        if self.done:
+            self._draw()
+
+    def _draw(self):
         filled = self.width * self.done // self.total
         end = "\n" if self.done == self.total else ""
         print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}", end=end, file=sys.stderr)
@@ -264,7 +366,7 @@ class Progress:
 
 
 def add_verify_arguments(parser):
-    add_model_arguments(parser, weights_required=False,
+    add_model_arguments(parser, weights=WEIGHTS_OPTIONAL,
                         backend_purpose="with --reference or --torch, the backend the model runs on")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--reference", metavar="REF.npz",
@@ -285,13 +387,15 @@ def run_verify(args):
     """Per-layer max abs / relative error against a reference; exit 1 when any layer breaks the tolerance."""
     import numpy as np
 
-    from .registry import create_model
     from .verify import compare_backends, compare_traces, format_table, read_reference, torch_reference
 
     if args.compare_backends and args.backend:
         raise CommandError("--compare-backends runs the model on both backends: --backend goes with --reference or "
                            "--torch")
-    model = create_model(args.model, weights=args.weights, dtype=np.dtype(args.dtype), backend=args.backend)
+    if args.reference and not args.weights:
+        raise CommandError("--reference compares with arrays computed with some weights: pass those with "
+                           "--weights FILE")
+    model = create_model_from(args, dtype=np.dtype(args.dtype))
     if args.compare_backends:
         rows = compare_backends(model, args.image_size)
     else:
@@ -311,7 +415,7 @@ def run_verify(args):
 
 def add_attention_arguments(parser):
     parser.add_argument("image", metavar="IMAGE")
-    add_model_arguments(parser, weights_required=False)
+    add_model_arguments(parser, weights=WEIGHTS_OR_RANDOM)
     parser.add_argument("-o", "--out", required=True, metavar="OUT.png")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="resize the image to N x N first, as DINO's visualize_attention (default: the model's "
@@ -324,9 +428,8 @@ def add_attention_arguments(parser):
 
 def run_attention(args):
     from .attention_map import attention_figure
-    from .registry import create_model
 
-    model = create_model(args.model, weights=args.weights, backend=args.backend)
+    model = create_model_from(args)
     attention_figure(model, args.image, args.out, image_size=args.image_size, threshold=args.threshold,
                      rollout=args.rollout)
     print(f"wrote {args.out}")
@@ -352,15 +455,19 @@ def add_embed_arguments(parser):
     where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786")
     where.add_argument("--workers", type=int, metavar="N",
                        help="local worker processes (default: one per core); 0 runs in this process without Dask")
+    parser.add_argument("--shard-timeout", type=float, metavar="SECONDS",
+                        help="restart a worker whose task runs longer and run the task again (default: 5 x the median "
+                             "shard time, at least 60 s, once shards have finished)")
 
 
 def run_embed(args):
-    """Embed a collection on Dask; resumes a previous run into the same DIR; exit 1 when shards failed."""
+    """Embed a collection on Dask; resumes a previous run into the same DIR; exit 1 when shards failed or no image
+    could be read."""
     from .embed import embed
 
     result = embed(args.source, args.model, args.weights, args.out, what=args.what, topk=args.topk,
                    batch_size=args.batch, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
-                   backend=args.backend)
+                   backend=args.backend, shard_timeout=args.shard_timeout)
     skipped = f", {len(result['skipped'])} already done" if result["skipped"] else ""
     print(f"wrote {result['rows']} rows in {result['shards']} shards to {result['out']} ({len(result['computed'])} "
           f"computed{skipped}, {result['images_per_s']:.1f} images/s)")
@@ -370,6 +477,10 @@ def run_embed(args):
         print(f"vitnp embed: shard {index} failed: {result['failures'][index]}", file=sys.stderr)
     if result["failed"]:
         print(f"vitnp embed: {len(result['failed'])} shards failed; run the same command again to retry them",
+              file=sys.stderr)
+        return 1
+    if result["rows"] == 0:
+        print(f"vitnp embed: none of the {result['images']} images could be read (see {result['errors_file']})",
               file=sys.stderr)
         return 1
     return 0
@@ -382,6 +493,8 @@ COMMANDS = {
     "list": ("list the registered model names", add_list_arguments, run_list),
     "demo": ("classify the shipped digit images with the shipped digits ViT (no download)", add_demo_arguments,
              run_demo),
+    "compile": ("compile the kernels of every registered model for this CPU now (after installing, or in a container "
+                "image's build), so that no later run waits for them", add_compile_arguments, run_compile),
     "export": ("write a timm model's or a PyTorch checkpoint's weights as an .npz (needs torch + timm)",
                add_export_arguments, run_export),
     "inspect": ("tell a checkpoint's layout, architecture, parameter count and dtypes (no torch needed for "
@@ -397,6 +510,7 @@ COMMANDS = {
 }
 
 # The subcommands that run a model: ``main`` fixes malloc's thresholds for them (:func:`vitnp.memory.keep_freed_memory`)
+# and has vitnp say so on stderr when it compiles its kernels (:func:`vitnp.kernel_cache.announce_compiling`)
 RUNS_A_MODEL = ("demo", "predict", "verify", "attention", "embed")
 
 
@@ -420,6 +534,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in RUNS_A_MODEL:
         memory.keep_freed_memory()
+        kernel_cache.announce_compiling()
     try:
         return args.run(args)
     except (CommandError, ValueError) as error:

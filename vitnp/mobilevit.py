@@ -329,8 +329,8 @@ class MobileViT(Model):
         if self.cfg.fold_bn:
             self.fold_batch_norms()
 
-    def load_state_dict(self, state_dict, strict=True):
-        result = super().load_state_dict(state_dict, strict=strict)
+    def load_state_dict(self, state_dict, strict=True, copy=True):
+        result = super().load_state_dict(state_dict, strict=strict, copy=copy)
         if self.cfg.fold_bn:
             self.fold_batch_norms()
         return result

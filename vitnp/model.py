@@ -15,7 +15,53 @@ from .backends import backend_ops, check_backend, default_backend
 
 
 class WeightsError(ValueError):
-    """Weights that do not fit a model: missing, unexpected or mis-shaped keys, or unusable values."""
+    """Weights that do not fit a model: missing, unexpected or mis-shaped keys, or unusable values.
+
+    The message counts the keys of each kind and names the first few (:data:`SHOWN_KEYS`), with the likely cause when
+    one can be told (``cause``, e.g. weights of another model size); the full lists are attributes: ``missing`` and
+    ``unexpected`` (keys), ``mis_shaped`` ((key, shape in the weights, shape in the model)) and ``unusable``
+    ((key, dtype)).
+    """
+
+    def __init__(self, model_name, missing=(), unexpected=(), mis_shaped=(), unusable=(), cause=None):
+        self.model_name = model_name
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mis_shaped = list(mis_shaped)
+        self.unusable = list(unusable)
+        self.cause = cause
+        super().__init__(self._message())
+
+    def __reduce__(self):  # pickle (Dask workers) by the fields, not by the message
+        return type(self), (self.model_name, self.missing, self.unexpected, self.mis_shaped, self.unusable, self.cause)
+
+    def with_cause(self, cause):
+        """The same error with ``cause`` (a sentence: why the weights do not fit) added to its message."""
+        return WeightsError(self.model_name, self.missing, self.unexpected, self.mis_shaped, self.unusable, cause)
+
+    def _message(self):
+        lines = [f"cannot load weights into {self.model_name}, nothing was loaded"]
+        if self.cause:
+            lines.append(f"likely cause: {self.cause}")
+        if self.missing:
+            lines.append(f"missing keys ({len(self.missing)}): " + _first_few(self.missing, ", "))
+        if self.unexpected:
+            lines.append(f"unexpected keys ({len(self.unexpected)}): " + _first_few(self.unexpected, ", "))
+        if self.mis_shaped:
+            shapes = [f"{key}: weights {weights}, model {model}" for key, weights, model in self.mis_shaped]
+            lines.append(f"mis-shaped keys ({len(self.mis_shaped)}): " + _first_few(shapes, "; "))
+        if self.unusable:
+            dtypes = [f"{key} (dtype {dtype})" for key, dtype in self.unusable]
+            lines.append(f"keys whose values are not real numbers ({len(self.unusable)}): " + _first_few(dtypes, ", "))
+        return "\n  ".join(lines)
+
+
+SHOWN_KEYS = 3  # keys of each kind a WeightsError's message names; the exception holds them all
+
+
+def _first_few(items, separator):
+    more = len(items) - SHOWN_KEYS
+    return separator.join(items[:SHOWN_KEYS]) + (f"{separator}... and {more} more" if more > 0 else "")
 
 
 class _DefaultOps:
@@ -167,7 +213,13 @@ class Model(Module):
     def __call__(self, x):
         """Logits (B, num_classes) of a (B, C, H, W) batch (on the fast backend, one chunk of it per thread)."""
         x = self.check_input(x)
-        return self.ops.map_batch(lambda chunk: self.forward_head(self.forward_features(chunk)), x)
+
+        def forward(chunk):
+            return self.forward_head(self.forward_features(chunk))
+
+        if len(x) == 0:  # an empty batch: the output of one blank image, without its row, for the output's shape
+            return forward(np.zeros((1, *x.shape[1:]), x.dtype))[:0]
+        return self.ops.map_batch(forward, x)
 
     def check_input(self, x):
         """Return ``x`` as an array of the model's dtype after checking it is a (B, C, H, W) float image batch."""
@@ -195,12 +247,16 @@ class Model(Module):
         """The parameters and buffers by timm's ``state_dict()`` key names, in timm's order."""
         return dict(self.named_state())
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict, strict=True, copy=True):
         """Load parameters and buffers by name, cast to the model's dtype (integer buffers keep theirs).
 
         Every problem is collected before anything changes: missing keys (when ``strict``), unexpected keys (when
         ``strict``), mis-shaped keys and values that are not real numbers are reported together in one
         :class:`WeightsError`, and the model keeps its old parameters. Returns ``(missing, unexpected)``.
+
+        The model keeps copies: the caller's arrays are neither shared nor changed (the fast backend makes the arrays
+        it packs read-only). ``copy=False`` takes arrays of the right dtype as they are, for arrays nobody else holds
+        (a checkpoint just read from a file, whose arrays are then not copied again).
         """
         own = dict(self.named_state())
         missing = [k for k in own if k not in state_dict]
@@ -212,27 +268,20 @@ class Model(Module):
                 continue
             value = np.asarray(state_dict[key])
             if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-                unusable.append(f"{key} (dtype {value.dtype})")
+                unusable.append((key, value.dtype))
             elif value.shape != current.shape:
-                mis_shaped.append(f"{key}: weights {tuple(value.shape)}, model {tuple(current.shape)}")
+                mis_shaped.append((key, tuple(value.shape), tuple(current.shape)))
             else:
                 dtype = self.dtype if np.issubdtype(current.dtype, np.floating) else current.dtype  # int64 buffers stay
                 if value.dtype != dtype or not value.flags.aligned:  # np.savez stores arrays at any offset: NumPy
                     value = value.astype(dtype)  # multiplies an unaligned one without its BLAS, in another order
+                elif copy:
+                    value = value.copy()
                 converted[key] = value
-        problems = []
-        if strict and missing:
-            problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if mis_shaped:
-            problems.append(f"mis-shaped keys ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
-        if unusable:
-            problems.append(f"keys whose values are not real numbers ({len(unusable)}): {', '.join(unusable)}")
-        if problems:
-            raise WeightsError(
-                f"cannot load weights into {type(self).__name__}; nothing was loaded:\n  " + "\n  ".join(problems)
-            )
+        reported_missing, reported_unexpected = (missing, unexpected) if strict else ([], [])
+        if reported_missing or reported_unexpected or mis_shaped or unusable:
+            name = f"{self.name} ({type(self).__name__})" if "name" in self.__dict__ else type(self).__name__
+            raise WeightsError(name, reported_missing, reported_unexpected, mis_shaped, unusable)
         modules = dict(self.named_modules())
         for key, value in converted.items():
             prefix, _, name = key.rpartition(".")

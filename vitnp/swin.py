@@ -159,8 +159,7 @@ class SwinTransformerBlock(Module):
 class PatchMerging(Module):
     """timm ``PatchMerging``: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), out_dim).
 
-    Odd H / W are zero-padded bottom / right; each 2x2 neighbourhood is concatenated as
-    [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]] (4C), then LayerNorm(4C) and Linear(4C -> out_dim).
+    The 2x2 neighbourhoods concatenated (:func:`merge_2x2`, 4C), then LayerNorm(4C) and Linear(4C -> out_dim).
     """
 
     def __init__(self, dim, out_dim, eps=1e-5, bias=False):
@@ -169,13 +168,21 @@ class PatchMerging(Module):
         self.reduction = Linear(4 * dim, out_dim, bias=bias)
 
     def __call__(self, x):
-        B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = np.pad(x, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
-            H, W = H + H % 2, W + W % 2
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 4, 2, 5)  # (B, H/2, W/2, w offset, h offset, C)
-        x = x.reshape(B, H // 2, W // 2, 4 * C)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_2x2(x)))
+
+
+def merge_2x2(x):
+    """The 2x2 neighbourhoods of timm's PatchMerging: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C).
+
+    Odd H / W are zero-padded bottom / right; each neighbourhood is concatenated as
+    [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]].
+    """
+    B, H, W, C = x.shape
+    if H % 2 or W % 2:
+        x = np.pad(x, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+        H, W = H + H % 2, W + W % 2
+    x = x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 4, 2, 5)  # (B, H/2, W/2, w offset, h offset, C)
+    return x.reshape(B, H // 2, W // 2, 4 * C)
 
 
 class PatchEmbed(layers.PatchEmbed):
@@ -254,9 +261,7 @@ class SwinTransformer(Model):
         in_dim, resolution = cfg.embed_dim, self.grid_size
         for i in range(num_stages):
             out_dim = cfg.embed_dim * 2**i
-            stage = SwinTransformerStage(in_dim, out_dim, resolution, cfg.depths[i], i > 0, cfg.num_heads[i],
-                                         window_sizes[i], cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps,
-                                         cfg.downsample_bias)
+            stage = self.make_stage(i, in_dim, out_dim, resolution, window_sizes[i])
             setattr(self.layers, str(i), stage)
             in_dim, resolution = out_dim, stage.output_resolution
         self.num_features = in_dim
@@ -265,6 +270,12 @@ class SwinTransformer(Model):
         if cfg.num_classes:
             self.head = Module()
             self.head.fc = Linear(self.num_features, cfg.num_classes)
+
+    def make_stage(self, i, in_dim, out_dim, resolution, window_size):
+        """Stage ``i`` of ``self.cfg`` taking (B, *resolution, in_dim) maps (a subclass builds its own stages)."""
+        cfg = self.cfg
+        return SwinTransformerStage(in_dim, out_dim, resolution, cfg.depths[i], i > 0, cfg.num_heads[i], window_size,
+                                    cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.downsample_bias)
 
     @property
     def stage_list(self):

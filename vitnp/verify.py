@@ -1,7 +1,7 @@
 """Layer-by-layer comparison of a model's named intermediates (``forward_trace``) with another implementation's.
 
 The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names (ViT:
-'patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm'; Swin: 'patch_embed',
+'patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm'; Swin v1 / v2: 'patch_embed',
 'layers.{i}.downsample', 'layers.{i}.blocks.{j}', 'norm'; MobileViT: 'stem', 'stages.{s}.{b}', 'final_conv'; the
 notes' and lucidrains' ViTs: the module paths of their PyTorch code, see their ``forward_trace``; all: 'pre_logits',
 'logits'), or timm's model of the same architecture run in this process on the same weights
@@ -89,11 +89,12 @@ def torch_reference(model, image_size=None, seed=0):
         import torch
     except ImportError as error:
         raise ValueError("--torch needs PyTorch and timm: pip install torch timm") from error
-    twins = {"VisionTransformer": _timm_vit, "SwinTransformer": _timm_swin, "MobileViT": _timm_mobilevit}
+    twins = {"VisionTransformer": _timm_vit, "SwinTransformer": _timm_swin, "SwinTransformerV2": _timm_swin,
+             "MobileViT": _timm_mobilevit}
     family = type(model).__name__
     if family not in twins:
-        raise ValueError(f"layer-by-layer tracing against timm covers the ViT / DeiT / DINO, Swin and MobileViT "
-                         f"families, not {model.name}")
+        raise ValueError(f"layer-by-layer tracing against timm covers the ViT / DeiT / DINO, Swin (v1, v2) and "
+                         f"MobileViT families, not {model.name}")
     size = image_size or model.img_size[0]
     reference, hooked = twins[family](timm, model, size)
     torch_dtype = torch.float64 if model.dtype == np.float64 else torch.float32
@@ -142,14 +143,20 @@ def _timm_vit(timm, model, size):
 
 
 def _timm_swin(timm, model, size):
-    """timm's SwinTransformer with ``model``'s config (its masks are built for one size: the model's)."""
+    """timm's SwinTransformer or SwinTransformerV2 with ``model``'s config (its masks are built for one size: the
+    model's)."""
     cfg = model.cfg
     if size != model.img_size[0] or model.img_size[0] != model.img_size[1]:
         raise ValueError(f"a Swin model is built for one image size: compare {model.name} at {model.img_size}")
+    base, v2_arguments = "swin_tiny_patch4_window7_224", {}
+    if type(model).__name__ == "SwinTransformerV2":  # 0: a stage's own window, timm's default
+        base = "swinv2_tiny_window8_256"
+        v2_arguments = dict(pretrained_window_sizes=cfg.pretrained_window_sizes or (0,) * len(cfg.depths))
     reference = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=model.img_size, patch_size=cfg.patch_size,
+        base, pretrained=False, img_size=model.img_size, patch_size=cfg.patch_size,
         in_chans=cfg.in_chans, num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depths=cfg.depths,
         num_heads=cfg.num_heads, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        **v2_arguments,
     )
     hooked = {"patch_embed": "patch_embed"}
     for i, depth in enumerate(cfg.depths):

@@ -231,11 +231,14 @@ class VisionTransformer(Model):
         if indices is None:
             take = list(range(depth))
         elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
+            take = list(range(depth - indices, depth)) if 1 <= indices <= depth else []
+        elif all(-depth <= i < depth for i in indices):
+            take = [i % depth for i in indices]  # -1 is the last block
         else:
-            take = [i % depth for i in indices]
-        if not take or any(not 0 <= i < depth for i in take):
-            raise ValueError(f"indices {indices!r} do not name blocks of a depth-{depth} model")
+            take = []
+        if not take:
+            raise ValueError(f"indices {indices!r} do not name blocks of a depth-{depth} model: a count from 1 to "
+                             f"{depth}, or block indices from {-depth} to {depth - 1}")
         gh, gw = np.asarray(x).shape[-2] // self.patch_size, np.asarray(x).shape[-1] // self.patch_size
         x = self.prepare_tokens(x)
         intermediates = []
