@@ -17,9 +17,10 @@ from .vecmath import NO_ACTIVATION, ZERO, copy, jit
 
 
 @jit
-def attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
+def attention_items(qkv, scale, bias, mask, out, width, schedule, job):
     # qkv (B, N, 3, heads, head_dim); bias (heads, N, N) or (0, 0, 0): none; mask (nW, N, N) or (0, 0, 0): none,
-    # window b of the batch takes mask[b % nW]; out (B, N, heads, head_dim). Items b * heads + h in [first, end).
+    # window b of the batch takes mask[b % nW]; out (B, N, heads, head_dim). The items b * heads + h of the chunks this
+    # thread takes from ``schedule`` (another kernel calling it alone passes one_thread_schedule(B * heads)).
     B, N, _, heads, head_dim = qkv.shape
     key_panels_count = -(-N // width)
     padded_keys = key_panels_count * width
@@ -34,42 +35,37 @@ def attention_items(qkv, scale, bias, mask, out, width, first_item, end_item):
     none = np.zeros((0, 0), qkv.dtype)  # no residual
     q_block_rows = l2_block_rows(head_dim, qkv.itemsize)
     attn_block_rows = l2_block_rows(padded_keys, qkv.itemsize)
-    for item in range(first_item, end_item):
-        b = item // heads
-        h = item % heads
-        for i in range(N):  # (1-D rows, loops from 0: the copies vectorise)
-            q_i, k_i, v_i = qkv[b, i, 0, h], qkv[b, i, 1, h], qkv[b, i, 2, h]  # (head_dim,) each
-            q_row = q[i]
-            for d in range(head_dim):
-                q_row[d] = q_i[d] * scale
-            key_column = key_panels[i // width, :, i % width]
-            for d in range(head_dim):
-                key_column[d] = k_i[d]
-            for p in range(value_panels_count):
-                copy(v_i[p * width : (p + 1) * width], value_panels[p, i])
-        gemm_panels(  # q k^T, 0 past N
-            q, key_panels, ones, zeros, NO_ACTIVATION, none, attn, ZERO, key_panels_count, q_block_rows, N
-        )
-        for i in range(N):
-            scores = attn[i, :N]  # contiguous: the loops below vectorise
-            if bias.shape[0]:
-                scores += bias[h, i]
-            if mask.shape[0]:
-                scores += mask[b % mask.shape[0], i]
-            softmax_row(scores)
-        gemm_panels(  # @ v
-            attn, value_panels, ones, zeros, NO_ACTIVATION, none, head_out, ZERO, value_panels_count, attn_block_rows,
-            head_dim,
-        )
-        for i in range(N):
-            copy(head_out[i, :head_dim], out[b, i, h])
-
-
-@jit
-def _attention_shared(qkv, scale, bias, mask, out, width, schedule, job):
     begin, end = take_chunk(schedule, job)
     while begin < end:
-        attention_items(qkv, scale, bias, mask, out, width, begin, end)
+        for item in range(begin, end):
+            b = item // heads
+            h = item % heads
+            for i in range(N):  # (1-D rows, loops from 0: the copies vectorise)
+                q_i, k_i, v_i = qkv[b, i, 0, h], qkv[b, i, 1, h], qkv[b, i, 2, h]  # (head_dim,) each
+                q_row = q[i]
+                for d in range(head_dim):
+                    q_row[d] = q_i[d] * scale
+                key_column = key_panels[i // width, :, i % width]
+                for d in range(head_dim):
+                    key_column[d] = k_i[d]
+                for p in range(value_panels_count):
+                    copy(v_i[p * width : (p + 1) * width], value_panels[p, i])
+            gemm_panels(  # q k^T, 0 past N
+                q, key_panels, ones, zeros, NO_ACTIVATION, none, attn, ZERO, key_panels_count, q_block_rows, N
+            )
+            for i in range(N):
+                scores = attn[i, :N]  # contiguous: the loops below vectorise
+                if bias.shape[0]:
+                    scores += bias[h, i]
+                if mask.shape[0]:
+                    scores += mask[b % mask.shape[0], i]
+                softmax_row(scores)
+            gemm_panels(  # @ v
+                attn, value_panels, ones, zeros, NO_ACTIVATION, none, head_out, ZERO, value_panels_count,
+                attn_block_rows, head_dim,
+            )
+            for i in range(N):
+                copy(head_out[i, :head_dim], out[b, i, h])
         begin, end = take_chunk(schedule, NO_JOB)
 
 
@@ -94,5 +90,5 @@ def attention(qkv, scale, bias=None, mask=None):
     out = np.empty((B, N, heads, head_dim), qkv.dtype)
     width = panel_width(qkv.dtype)
     arguments = (qkv, qkv.dtype.type(scale), bias, mask, out, width)
-    run_shared(_attention_shared, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
+    run_shared(attention_items, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
     return out

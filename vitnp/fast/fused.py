@@ -10,7 +10,7 @@ from .conv import conv_output_shape, depthwise_conv2d_rows
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, linear_rows, padded_scale_shift, padded_vector
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import layer_norm_rows
-from .schedule import NO_JOB, take_chunk
+from .schedule import NO_JOB, one_thread_schedule, take_chunk
 from .vecmath import NO_ACTIVATION, ZERO, activation_code, copy, copy_leading_columns, jit
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,7 +178,8 @@ def _transformer_block_shared(
         qkv = linear_rows(h, qkv_panels, qkv_scale, qkv_shift, NO_ACTIVATION, none, 3 * dim)
         attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
         qkv = qkv.reshape(sequences, N, 3, heads, head_dim)  # (sequences, N, 3, heads, head_dim), as Attention's
-        attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], ZERO, sequences * heads)
+        items = one_thread_schedule(sequences * heads)  # the chunk's (sequence, head) pairs, all on this thread
+        attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], items, NO_JOB)
         attended_rows = attended.reshape(rows, dim)
         x_rows = linear_rows(attended_rows, proj_panels, proj_scale, proj_shift, NO_ACTIVATION, x_rows, dim)  # x + attn
         layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)

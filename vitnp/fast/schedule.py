@@ -88,6 +88,16 @@ def take_chunk(schedule, job):
 
 
 @numba.njit(cache=True, nogil=True)
+def one_thread_schedule(total):
+    """A schedule of ``total`` items for a shared kernel that another kernel calls on its own thread: take_chunk hands
+    them all over at once."""
+    schedule = np.zeros(FINISHED + 1, np.int64)
+    schedule[TOTAL] = total
+    schedule[THREADS] = 1
+    return schedule
+
+
+@numba.njit(cache=True, nogil=True)
 def finish_and_wait(schedule, helper, job, spins):
     """For helper ``helper``: mark ``job`` finished, then spin (without the GIL) until another job is announced; False
     after ``spins`` reads without one. Spinning for a fraction of a millisecond costs less than sleeping and being
