@@ -57,7 +57,7 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-from bench_startup import VITNP_PRELUDE, measure_startup, print_startup  # noqa: E402 (this script's folder)
+from bench_startup import VITNP_PRELUDE, cpu_report, measure_startup, print_startup  # noqa: E402 (this folder)
 
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime")
@@ -89,27 +89,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- environment
-
-
-def cpu_report():
-    """The CPU's model name, logical CPU count and vector extensions (avx2, avx512f, amx) from /proc/cpuinfo; on
-    other systems platform's processor name."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            fields = [line.split(":", 1) for line in cpuinfo if ":" in line]
-    except OSError:
-        return f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs"
-    first = {}
-    for key, value in fields:  # the first CPU's fields
-        first.setdefault(key.strip(), value.strip())
-    name = first.get("model name", platform.machine())
-    if "cpu family" in first:  # a virtual machine's model name may be only "AMD EPYC": family and model say which
-        name += f" (family {first['cpu family']}, model {first.get('model', '?')})"
-    flags = set(first.get("flags", "").split())
-    extensions = ", ".join(f"{label} {'yes' if flag in flags else 'no'}"
-                           for label, flag in (("avx2", "avx2"), ("avx512f", "avx512f"), ("amx", "amx_tile")))
-    guest = "; virtual machine" if "hypervisor" in flags else ""
-    return f"{name}; {os.cpu_count()} logical CPUs; {extensions}{guest}"
 
 
 def load_report():

@@ -103,15 +103,25 @@ def print_demo(results):
         print(f"| `vitnp demo` | {state} | {r['process_s']:.2f} | {r['cpu_s']:.2f} |")
 
 
-def cpu_name():
+def cpu_report():
+    """The CPU's model name, logical CPU count and vector extensions (avx2, avx512f, amx) from /proc/cpuinfo; on
+    other systems platform's processor name."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            fields = [line.split(":", 1) for line in cpuinfo if ":" in line]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs"
+    first = {}
+    for key, value in fields:  # the first CPU's fields
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name", platform.machine())
+    if "cpu family" in first:  # a virtual machine's model name may be only "AMD EPYC": family and model say which
+        name += f" (family {first['cpu family']}, model {first.get('model', '?')})"
+    flags = set(first.get("flags", "").split())
+    extensions = ", ".join(f"{label} {'yes' if flag in flags else 'no'}"
+                           for label, flag in (("avx2", "avx2"), ("avx512f", "avx512f"), ("amx", "amx_tile")))
+    guest = "; virtual machine" if "hypervisor" in flags else ""
+    return f"{name}; {os.cpu_count()} logical CPUs; {extensions}{guest}"
 
 
 def main(argv=None):
@@ -122,7 +132,7 @@ def main(argv=None):
     p.add_argument("--no-demo", action="store_true", help="skip the `vitnp demo` command")
     p.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = p.parse_args(argv)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}")
+    print(f"CPU: {cpu_report()}; Python {platform.python_version()}")
     demo = {}
     if not args.no_demo:
         demo = measure_demo()
@@ -138,7 +148,7 @@ def main(argv=None):
     print_startup(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(command=sys.argv, cpu=cpu_name(), demo=demo,
+            json.dump(dict(command=sys.argv, cpu=cpu_report(), demo=demo,
                            startup=[dict(model=m, backend=b, dtype=d, **states) for (m, b, d), states in rows.items()]),
                       f, indent=1)
 

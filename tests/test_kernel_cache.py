@@ -27,19 +27,23 @@ RUN_DIGITS = (
 PACKAGE = Path(vitnp.__file__).parent
 
 
+def run(code, env, prefix=()):
+    """``code`` in a fresh Python, in the root folder (so that vitnp comes from PYTHONPATH or site-packages, not from
+    the current folder)."""
+    return subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd="/")
+
+
 def run_python(code, env, prefix=()):
-    """Run ``code`` in a fresh Python (in the root folder, so that vitnp comes from PYTHONPATH or site-packages, not
-    from the current folder); its stderr, once it has succeeded."""
-    result = subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300, cwd="/")
+    """``code`` in a fresh Python: its stderr, once it has succeeded."""
+    result = run(code, env, prefix)
     assert result.returncode == 0, result.stderr
     return result.stderr
 
 
 def run_digits(env, prefix=()):
     """RUN_DIGITS in a fresh Python: its stderr."""
-    result = subprocess.run([*prefix, sys.executable, "-c", RUN_DIGITS], env=env, capture_output=True, text=True,
-                            timeout=300, cwd="/")
+    result = run(RUN_DIGITS, env, prefix)
     assert result.returncode == 0 and result.stdout.strip() == "(1, 10)", result.stderr
     return result.stderr
 
@@ -70,8 +74,7 @@ def test_the_note_comes_when_kernels_are_compiled_and_not_when_they_are_loaded(t
 def test_vitnp_demo_says_it_compiles_on_a_first_run_only(tmp_path):
     env = clean_env(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("VITNP_BACKEND", None)
-    runs = [subprocess.run([sys.executable, "-m", "vitnp.cli", "demo"], env=env, capture_output=True, text=True,
-                           timeout=300, cwd="/") for _ in range(2)]
+    runs = [run("from vitnp.cli import main; raise SystemExit(main(['demo']))", env) for _ in range(2)]
     assert [run.returncode for run in runs] == [0, 0], runs[0].stderr
     assert runs[0].stderr.count(NOTE) == 1 and "accuracy: " in runs[0].stdout
     assert runs[1].stderr == "" and "accuracy: " in runs[1].stdout
@@ -92,8 +95,10 @@ def test_without_announce_compiling_a_library_user_sees_nothing(tmp_path):
     assert NOTE not in quiet
 
 
-def read_only_prefix(source, tmp_path):
-    """A command prefix that runs its command with ``source`` mounted read-only over itself, or skip."""
+@pytest.fixture
+def read_only_package(tmp_path):
+    """(copy of vitnp's sources, a command prefix that runs its command with them mounted read-only), or skip."""
+    source = copy_of_package(tmp_path)
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare(1) to mount the package read-only")
     mount = f"mount --bind {source} {source} && mount -o remount,bind,ro {source} && exec \"$@\""
@@ -101,12 +106,17 @@ def read_only_prefix(source, tmp_path):
     probe = subprocess.run([*prefix, "touch", str(source / "probe")], capture_output=True, text=True)
     if "Read-only file system" not in probe.stderr:
         pytest.skip(f"this system lets no process mount a folder read-only in a namespace: {probe.stderr.strip()}")
-    return prefix
+    return source, prefix
 
 
-def test_a_read_only_package_keeps_its_kernels_in_the_users_cache_folder(tmp_path):
-    source = copy_of_package(tmp_path)
-    prefix = read_only_prefix(source, tmp_path)
+def no_home_env(source, temporary):
+    """A read-only package with no writable home or cache folder, and ``temporary`` as the temporary directory."""
+    temporary.mkdir()
+    return clean_env(PYTHONPATH=str(source), HOME=str(source / "no-home"), TMPDIR=str(temporary))
+
+
+def test_a_read_only_package_keeps_its_kernels_in_the_users_cache_folder(read_only_package, tmp_path):
+    source, prefix = read_only_package
     home = tmp_path / "home"
     home.mkdir()
     env = clean_env(PYTHONPATH=str(source), HOME=str(home), TMPDIR=str(tmp_path))
@@ -117,12 +127,10 @@ def test_a_read_only_package_keeps_its_kernels_in_the_users_cache_folder(tmp_pat
     assert NOTE not in run_digits(env, prefix)
 
 
-def test_with_no_writable_cache_folder_the_kernels_go_to_a_private_temporary_folder(tmp_path):
-    source = copy_of_package(tmp_path)
-    prefix = read_only_prefix(source, tmp_path)
+def test_with_no_writable_cache_folder_the_kernels_go_to_a_private_temporary_folder(read_only_package, tmp_path):
+    source, prefix = read_only_package
     temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    env = clean_env(PYTHONPATH=str(source), HOME=str(source / "no-home"), TMPDIR=str(temporary))
+    env = no_home_env(source, temporary)
     first = run_digits(env, prefix)
     assert NOTE in first and str(temporary) in first, first
     [folder] = temporary.glob("vitnp-kernels-*")
@@ -131,19 +139,15 @@ def test_with_no_writable_cache_folder_the_kernels_go_to_a_private_temporary_fol
     assert NOTE not in run_digits(env, prefix)
 
 
-def test_a_temporary_folder_another_user_could_write_is_not_used(tmp_path):
-    source = copy_of_package(tmp_path)
-    prefix = read_only_prefix(source, tmp_path)
+def test_a_temporary_folder_another_user_could_write_is_not_used(read_only_package, tmp_path):
+    source, prefix = read_only_package
     temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    uid = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.getuid())"], capture_output=True,
-                         text=True).stdout.strip()  # the user the namespace maps this one to
+    env = no_home_env(source, temporary)
+    uid = run("import os; print(os.getuid())", env, prefix).stdout.strip()  # the user the namespace maps this one to
     planted = temporary / f"vitnp-kernels-{uid}"
     planted.mkdir()
     planted.chmod(0o777)
-    env = clean_env(PYTHONPATH=str(source), HOME=str(source / "no-home"), TMPDIR=str(temporary))
-    result = subprocess.run([*prefix, sys.executable, "-c", RUN_DIGITS], env=env, capture_output=True, text=True,
-                            timeout=300, cwd="/")
+    result = run(RUN_DIGITS, env, prefix)
     assert result.returncode != 0 and "no locator available" in result.stderr
     assert not any(planted.iterdir())
 
@@ -169,8 +173,7 @@ def test_one_specialisation_per_kernel_for_a_dtype():
     # A model compiles each kernel it uses once for float32: a literal argument (``f(x, 0)`` from another kernel)
     # would compile a kernel again for Literal[int](0), as the GEMM once was four times. The Winograd input transform
     # takes a tuple of one or two maps (a concatenation), a type of its own each.
-    result = subprocess.run([sys.executable, "-c", LIST_SPECIALISATIONS], capture_output=True, text=True, timeout=600,
-                            cwd="/", env=clean_env())
+    result = run(LIST_SPECIALISATIONS, clean_env())
     assert result.returncode == 0, result.stderr
     kernels = json.loads(result.stdout)
     assert "vitnp.fast.gemm.gemm_panels" in kernels and "vitnp.fast.fused._inverted_residual_shared" in kernels

@@ -47,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from contextlib import closing, nullcontext, suppress
 from typing import NamedTuple
 
@@ -58,6 +57,7 @@ from .collection import SCALE_HINT, image_source, is_url, list_images, local_pat
 from .embed_tasks import DaskTasks, ThreadTasks, TimeoutPolicy
 from .predict import class_names, top_k
 from .preprocess import model_data_config, preprocess
+from .weights import write_atomically
 
 WHATS = ("features", "logits", "topk")
 # A leading '_' (or '.') makes the readers of a Parquet folder (pyarrow, pandas, Spark) skip a file.
@@ -287,18 +287,12 @@ def _write_parquet(path, rows, columns, metadata):
         flat = pa.array(values.reshape(-1), type=value_type)
         arrays[column] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
     table = pa.table(arrays).replace_schema_metadata({METADATA_KEY: json.dumps(metadata)})
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as f:
+
+    def write(temporary):
+        with open(temporary, "wb") as f:  # Python's file: a full disk is an OSError naming its errno
             pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+
+    write_atomically(path, write)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -404,17 +398,14 @@ def _remove_leftovers(out, shards):
 
 def _write_text_atomic(path, text):
     """Write a text file whole or not at all (a temporary file renamed); a ValueError naming it when that fails."""
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
+
+    def write(temporary):
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+
+    try:
+        write_atomically(path, write)
     except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         raise ValueError(f"cannot write {path}: {error.strerror or error}") from error
 
 

@@ -27,17 +27,16 @@ from numba.core import caching, event
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _owned_private_folder(path):
-    """``path`` as a folder only this user can write, made if missing; None if it is anyone else's or not private."""
+def _is_private_folder(path):
+    """Whether ``path`` (made if missing) is a folder only this user can write: one another user made in the shared
+    temporary directory could hold a cache that runs their code."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         info = os.lstat(path)
     except OSError:
-        return None
+        return False
     getuid = getattr(os, "getuid", None)
-    if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o022 or (getuid and info.st_uid != getuid()):
-        return None  # a folder another user made in the shared temporary directory: its cache could run their code
-    return path
+    return stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o022 and not (getuid and info.st_uid != getuid())
 
 
 class TemporaryFolderLocator(caching.UserWideCacheLocator):
@@ -51,7 +50,7 @@ class TemporaryFolderLocator(caching.UserWideCacheLocator):
         self._cache_path = os.path.join(self._root, self.get_suitable_cache_subpath(py_file))
 
     def ensure_cache_path(self):
-        if _owned_private_folder(self._root) is None:
+        if not _is_private_folder(self._root):
             raise OSError(f"{self._root} is not a private folder of this user")
         super().ensure_cache_path()
 
@@ -132,9 +131,9 @@ def _first_forwards(name, backend, dtype):
 def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), processes=None, report=None,
                     names=KERNEL_SAMPLES):
     """Compile (or find in the cache) every kernel the registered models use, for each backend and dtype, so that no
-    later run waits for Numba: e.g. once after installing, or in a container image's build. The models of
-    ``names`` (:data:`KERNEL_SAMPLES`) run their first forwards in ``processes`` fresh worker processes at once (default: one per
-    core; they share the cache on disk, where Numba writes each kernel whole or not at all).
+    later run waits for Numba: e.g. once after installing, or in a container image's build. The models ``names``
+    (:data:`KERNEL_SAMPLES`) run their first forwards in ``processes`` fresh worker processes at once (default: one
+    per core; they share the cache on disk, where Numba writes each kernel whole or not at all).
     ``report(name, backend, dtype, seconds)`` is called as each model finishes."""
     jobs = [(name, backend, dtype) for dtype in dtypes for backend in backends for name in names]
     start = time.perf_counter()

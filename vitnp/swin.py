@@ -11,6 +11,7 @@ per dimension, a stage map no larger than the window becomes a single window and
 takes images of its ``img_size`` only; build it with ``img_size=(H, W)`` for another size.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,19 +204,25 @@ class PatchEmbed(layers.PatchEmbed):
 
 
 class SwinTransformerStage(Module):
-    """timm ``SwinTransformerStage``: PatchMerging (stages after the first), then blocks alternating W-MSA / SW-MSA."""
+    """timm ``SwinTransformerStage``: PatchMerging (stages after the first), then blocks alternating W-MSA / SW-MSA.
 
-    def __init__(self, dim, out_dim, input_resolution, depth, downsample, num_heads, window_size, mlp_ratio=4.0,
-                 qkv_bias=True, eps=1e-5, downsample_bias=False):
+    ``downsample`` is the stage's PatchMerging (None in the first stage); ``make_block(resolution, window_size,
+    shift_size)`` builds one of its blocks (v1's or v2's).
+    """
+
+    def __init__(self, input_resolution, depth, window_size, downsample, make_block):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
-        self.output_resolution = tuple((r + 1) // 2 for r in input_resolution) if downsample else self.input_resolution
-        self.downsample = PatchMerging(dim, out_dim, eps, downsample_bias) if downsample else Identity()
+        if downsample is None:
+            self.output_resolution = self.input_resolution
+            self.downsample = Identity()
+        else:
+            self.output_resolution = tuple((r + 1) // 2 for r in input_resolution)
+            self.downsample = downsample
         shift_size = tuple(w // 2 for w in window_size)
         self.blocks = Module()
         for i in range(depth):
-            block = SwinTransformerBlock(out_dim, self.output_resolution, num_heads, window_size,
-                                         (0, 0) if i % 2 == 0 else shift_size, mlp_ratio, qkv_bias, eps)
+            block = make_block(self.output_resolution, window_size, (0, 0) if i % 2 == 0 else shift_size)
             setattr(self.blocks, str(i), block)
         self.depth = depth
 
@@ -261,7 +268,9 @@ class SwinTransformer(Model):
         in_dim, resolution = cfg.embed_dim, self.grid_size
         for i in range(num_stages):
             out_dim = cfg.embed_dim * 2**i
-            stage = self.make_stage(i, in_dim, out_dim, resolution, window_sizes[i])
+            downsample = self.make_merging(in_dim, out_dim) if i > 0 else None
+            stage = SwinTransformerStage(resolution, cfg.depths[i], window_sizes[i], downsample,
+                                         functools.partial(self.make_block, i, out_dim))
             setattr(self.layers, str(i), stage)
             in_dim, resolution = out_dim, stage.output_resolution
         self.num_features = in_dim
@@ -271,11 +280,15 @@ class SwinTransformer(Model):
             self.head = Module()
             self.head.fc = Linear(self.num_features, cfg.num_classes)
 
-    def make_stage(self, i, in_dim, out_dim, resolution, window_size):
-        """Stage ``i`` of ``self.cfg`` taking (B, *resolution, in_dim) maps (a subclass builds its own stages)."""
+    def make_merging(self, in_dim, out_dim):
+        """The PatchMerging at the start of a stage after the first (a subclass builds its own)."""
+        return PatchMerging(in_dim, out_dim, self.cfg.norm_eps, self.cfg.downsample_bias)
+
+    def make_block(self, stage, dim, resolution, window_size, shift_size):
+        """A block of stage ``stage`` on (B, *resolution, dim) maps (a subclass builds its own)."""
         cfg = self.cfg
-        return SwinTransformerStage(in_dim, out_dim, resolution, cfg.depths[i], i > 0, cfg.num_heads[i], window_size,
-                                    cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.downsample_bias)
+        return SwinTransformerBlock(dim, resolution, cfg.num_heads[stage], window_size, shift_size, cfg.mlp_ratio,
+                                    cfg.qkv_bias, cfg.norm_eps)
 
     @property
     def stage_list(self):

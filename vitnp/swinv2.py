@@ -30,11 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .layers import LayerNorm, Linear, Mlp
-from .model import Identity, Module
+from .model import Module
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, data_cfg
 from .swin import (
     SwinTransformer,
-    SwinTransformerStage,
     _pair,
     merge_2x2,
     relative_position_index,
@@ -196,44 +195,28 @@ class PatchMerging(Module):
         return self.norm(self.reduction(merge_2x2(x)))
 
 
-class SwinTransformerV2Stage(SwinTransformerStage):
-    """timm ``SwinTransformerV2Stage``: PatchMerging (stages after the first), then blocks alternating W-MSA /
-    SW-MSA. The forward is v1's stage's; the layers are v2's, so its constructor builds them in place of v1's."""
-
-    def __init__(self, dim, out_dim, input_resolution, depth, downsample, num_heads, window_size, mlp_ratio=4.0,
-                 qkv_bias=True, pretrained_window_size=(0, 0), eps=1e-5):
-        Module.__init__(self)  # not v1's constructor: it would build v1's layers
-        self.input_resolution = tuple(input_resolution)
-        self.output_resolution = tuple((r + 1) // 2 for r in input_resolution) if downsample else self.input_resolution
-        self.downsample = PatchMerging(dim, out_dim, eps) if downsample else Identity()
-        shift_size = tuple(w // 2 for w in window_size)
-        self.blocks = Module()
-        for i in range(depth):
-            block = SwinTransformerV2Block(out_dim, self.output_resolution, num_heads, window_size,
-                                           (0, 0) if i % 2 == 0 else shift_size, mlp_ratio, qkv_bias,
-                                           pretrained_window_size, eps)
-            setattr(self.blocks, str(i), block)
-        self.depth = depth
-
-
 class SwinTransformerV2(SwinTransformer):
     """timm ``SwinTransformerV2``.
 
     ``model(x)`` maps (B, C, H, W) images to (B, num_classes) logits (or (B, num_features) when num_classes is 0);
     ``forward_features`` gives the map after the final norm, (B, H / (p * 2^(S-1)), W / (p * 2^(S-1)), C) rounded up.
     Patch embedding, final norm, average-pool head and the forwards (``forward_features``, ``forward_head``,
-    ``forward_trace`` at timm's module paths) are v1's; the stages are v2's (:meth:`make_stage`).
+    ``forward_trace`` at timm's module paths) are v1's; the merging and the blocks in the stages are v2's
+    (:meth:`make_merging`, :meth:`make_block`).
     """
 
     Config = SwinV2Config
     fixed_by_name = ()
 
-    def make_stage(self, i, in_dim, out_dim, resolution, window_size):
-        """Stage ``i``: v2's merging and blocks, with the stage's pretrained window size."""
+    def make_merging(self, in_dim, out_dim):
+        return PatchMerging(in_dim, out_dim, self.cfg.norm_eps)
+
+    def make_block(self, stage, dim, resolution, window_size, shift_size):
+        """A v2 block, with its stage's pretrained window size."""
         cfg = self.cfg
-        pretrained_window_size = _stage_pretrained_window_sizes(cfg.pretrained_window_sizes, len(cfg.depths))[i]
-        return SwinTransformerV2Stage(in_dim, out_dim, resolution, cfg.depths[i], i > 0, cfg.num_heads[i],
-                                      window_size, cfg.mlp_ratio, cfg.qkv_bias, pretrained_window_size, cfg.norm_eps)
+        pretrained_window_size = _stage_pretrained_window_sizes(cfg.pretrained_window_sizes, len(cfg.depths))[stage]
+        return SwinTransformerV2Block(dim, resolution, cfg.num_heads[stage], window_size, shift_size, cfg.mlp_ratio,
+                                      cfg.qkv_bias, pretrained_window_size, cfg.norm_eps)
 
     def init_weights(self, seed=0, dtype=np.float32):
         """Seeded random values as :meth:`Model.init_weights`, with timm's initial logit_scale, log(10), in every
