@@ -224,6 +224,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    os.environ["VITNP_COMPILE"] = "wait"  # the engine's own kernels, compiled at once when missing (vitnp.compiling)
     os.environ.pop("VITNP_BACKEND", None)  # models on the fast backend, the default, in a tree that has two
     print(blas_report())
     workdir = tempfile.mkdtemp(prefix="vitnp_ab_")

@@ -84,6 +84,7 @@ def print_comparison(trees, model, batch, args, numba_cache):
 
 
 def main():
+    os.environ["VITNP_COMPILE"] = "wait"  # the trees' own kernels, compiled at once when missing (vitnp.compiling)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before")
     parser.add_argument("after")

@@ -1,28 +1,33 @@
-"""Time vitnp's two backends against torch eager and onnxruntime: same model, weights, input and thread count, the
-engines taking turns in one process.
+"""Time vitnp's two backends against torch eager, onnxruntime and OpenVINO: same model, weights, input and thread
+count, the engines taking turns in one process.
 
     python benchmarks/bench_models.py [--models NAME ...] [--batch 1 8] [--threads 2] [--repeats 7]
                                       [--reference-repeats 3] [--engines ...] [--memory] [--per-op] [--json PATH]
 
 Any name that both vitnp and timm register works. For each model it builds the timm model with random weights
 (pretrained=False), loads the same weights into vitnp (backend 'fast' and backend 'reference') and exports the timm
-model to ONNX for onnxruntime. For each (thread count, batch) every engine runs one untimed forward (its logits are
-compared with torch's) and ``--warmup`` more, then the engines take turns, one timed forward each, the order flipping
-every round; the table gives per engine the median ms per batch, images/s, GFLOP/s, its time over torch eager's and
-over the fastest peer's (peers: torch eager and onnxruntime), the largest logit difference from torch, and with
-``--memory`` its peak RSS in a fresh process. The reference backend is slow: it runs ``--reference-repeats`` timed
-forwards and no warm-up beyond its first forward. Then the start-up of both vitnp backends: import + create_model +
-first forward in a fresh interpreter, with an empty Numba cache (cold: every kernel compiled) and with a filled one.
+model to ONNX for onnxruntime and OpenVINO. OpenVINO compiles that file for the CPU with a static input shape per
+batch size, ``INFERENCE_PRECISION_HINT`` f32 (on a CPU with bf16 it would otherwise compute in bf16) and
+``INFERENCE_NUM_THREADS`` the others' thread count. For each (thread count, batch) every engine runs one untimed
+forward (its logits are compared with torch's) and ``--warmup`` more, then the engines take turns, one timed forward
+each, the order flipping every round; the table gives per engine the median ms per batch, images/s, GFLOP/s, its time
+over torch eager's and over the fastest peer's (peers: torch eager, onnxruntime and OpenVINO), the largest logit
+difference from torch, and with ``--memory`` its peak RSS in a fresh process. The reference backend is slow: it runs
+``--reference-repeats`` timed forwards and no warm-up beyond its first forward. Then the start-up of both vitnp
+backends: import + create_model + first forward in a fresh interpreter, with an empty Numba cache (cold: every kernel
+compiled) and with a filled one.
 
 The run calls ``vitnp.memory.keep_freed_memory()`` (as the ``vitnp`` command does: glibc malloc keeps freed activation
 memory for the next forward; the setting is process-wide, so every engine in this process runs with it), and so does
 every fresh vitnp interpreter it starts. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment for
 the run (the script re-executes itself before NumPy is imported): set, they override the kernel and cache size
-OpenBLAS detects for this CPU (with slower ones on the machines measured so far). The CPU, its vector extensions,
-the BLAS kernel OpenBLAS picked (threadpoolctl) and every thread count are printed with the figures, and at the end
-the rows again with the engines side by side, as benchmarks/README.md shows them.
+OpenBLAS detects for this CPU (with slower ones on the machines measured so far). The CPU, the features GEMM
+kernels are chosen by (FMA, AVX2, AVX-512 and its VNNI / bf16 / fp16 parts, AMX), the BLAS kernel OpenBLAS picked
+(threadpoolctl) and every thread count are printed with the figures, and at the end the rows again with the engines
+side by side, as benchmarks/README.md shows them.
 
-Needs torch, timm and threadpoolctl (the test extra), and onnx + onnxruntime for the fourth engine.
+Needs torch, timm and threadpoolctl (the test extra), and onnx with onnxruntime and / or openvino for the engines that
+run the exported ONNX file (the bench extra: ``pip install -e .[bench]``).
 """
 
 import os
@@ -43,6 +48,10 @@ def restart_without_openblas_overrides(script):
 if __name__ == "__main__":
     restart_without_openblas_overrides(__file__)
 
+# Time the engine's own kernels: a kernel missing from the cache is compiled at once, never run on the reference's
+# kernels meanwhile (vitnp.compiling); child processes inherit it.
+os.environ.setdefault("VITNP_COMPILE", "wait")
+
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -60,9 +69,11 @@ from contextlib import contextmanager  # noqa: E402
 from bench_startup import VITNP_PRELUDE, cpu_report, measure_startup, print_startup  # noqa: E402 (this folder)
 
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
-ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime")
-PEERS = ("torch eager", "onnxruntime")  # the engines every engine's time is compared with
-VITNP_BACKENDS = ("fast", "reference")
+ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime", "openvino")
+PEERS = ("torch eager", "onnxruntime", "openvino")  # the engines every engine's time is compared with
+# VITNP_COMPILE of each backend's start-up measurement: the fast backend as it starts by default, its kernels compiled
+# in the background; the reference compiles its kernels at once anyway
+STARTUP_COMPILE = {"fast": "background", "reference": "wait"}
 
 
 def parse_args(argv=None):
@@ -75,7 +86,8 @@ def parse_args(argv=None):
                    help="timed forwards of vitnp's reference backend (default 3: it is slow)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per engine after the first (not reference)")
     p.add_argument("--engines", nargs="+", choices=ENGINE_CHOICES, default=list(ENGINE_CHOICES),
-                   help="engines to time (default all; onnxruntime only when installed and for float32)")
+                   help="engines to time (default all; onnxruntime and openvino only when installed and for "
+                        "float32)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--memory", action="store_true", help="also each engine's peak RSS, one fresh process per row")
     p.add_argument("--per-op", action="store_true", help="also break each vitnp forward down by op (wall clock)")
@@ -89,6 +101,20 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- environment
+
+
+GEMM_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def gemm_features():
+    """Which of :data:`GEMM_FLAGS` the first CPU of /proc/cpuinfo has: what a GEMM kernel can be built from (AVX-512
+    and AMX are what OpenVINO and oneDNN pick kernels by); '' where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(next((line.split(":", 1)[1] for line in cpuinfo if line.startswith("flags")), "").split())
+    except OSError:
+        return ""
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in GEMM_FLAGS)
 
 
 def load_report():
@@ -131,8 +157,9 @@ def package_versions(names):
 
 
 def set_threads(n, engines, blas_limits):
-    """The same thread count for torch, vitnp (BLAS, Numba, its own threads) and onnxruntime's sessions; the BLAS
-    limit stays in force through threadpoolctl (``blas_limits``: the controller and the limit now in force)."""
+    """The same thread count for torch, vitnp (BLAS, Numba, its own threads), onnxruntime's sessions and OpenVINO's
+    compiled models; the BLAS limit stays in force through threadpoolctl (``blas_limits``: the controller and the
+    limit now in force)."""
     import torch
 
     import vitnp
@@ -143,7 +170,7 @@ def set_threads(n, engines, blas_limits):
     torch.set_num_threads(n)
     vitnp.set_num_threads(n)
     for engine in engines:
-        if isinstance(engine, OnnxRuntimeEngine):  # its sessions are made per thread count, on first use
+        if isinstance(engine, OnnxFileEngine):  # its sessions are made per thread count, on first use
             engine.threads = n
     return controller, controller.limit(limits=n, user_api="blas")
 
@@ -189,40 +216,56 @@ def torch_forward(timm_model, dtype):
     return forward
 
 
-class OnnxRuntimeEngine:
-    """The timm model exported to ONNX (same weights), run by onnxruntime's CPU provider with the current threads."""
+def onnx_path(workdir, model_name):
+    return os.path.join(workdir, f"{model_name}.onnx")
 
-    name = "onnxruntime"
+
+def export_onnx(model_name, timm_model, workdir):
+    """The timm model as an ONNX file with a dynamic batch axis (float32), written once per model for the engines that
+    read it (onnxruntime, OpenVINO); returns its path."""
+    import torch
+
+    path = onnx_path(workdir, model_name)
+    if os.path.exists(path):
+        return path
+    images = torch.zeros(1, *timm_model.pretrained_cfg["input_size"])
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            timm_model, (images,), path, input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    return path
+
+
+class OnnxFileEngine:
+    """An engine that runs the timm model exported to ONNX (same weights, float32) with the current thread count
+    (``threads``, set by :func:`set_threads`); ``modules`` are the packages it needs."""
+
+    modules = ()
 
     def __init__(self, repeats, warmup, workdir):
         self.repeats, self.warmup = repeats, warmup
         self.workdir = workdir
         self.threads = 1
-        self.paths = {}  # model name -> its .onnx file
 
-    @staticmethod
-    def available(dtype):
+    @classmethod
+    def available(cls, dtype):
         import importlib.util
 
-        return dtype == "float32" and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
+        return dtype == "float32" and all(importlib.util.find_spec(m) for m in cls.modules)
 
-    def export(self, model_name, timm_model):
-        import torch
 
-        path = os.path.join(self.workdir, f"{model_name}.onnx")
-        images = torch.zeros(1, *timm_model.pretrained_cfg["input_size"])
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                timm_model, (images,), path, input_names=["images"], output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-            )
-        return path
+class OnnxRuntimeEngine(OnnxFileEngine):
+    """The ONNX file run by onnxruntime's CPU provider: one session per thread count."""
+
+    name = "onnxruntime"
+    modules = ("onnxruntime", "onnx")
 
     def prepare(self, model_name, timm_model, state_dict, dtype):
         import onnxruntime
 
-        path = self.paths[model_name] = self.export(model_name, timm_model)
+        path = export_onnx(model_name, timm_model, self.workdir)
         sessions = {}
 
         def forward(x):
@@ -240,6 +283,38 @@ class OnnxRuntimeEngine:
         return forward
 
 
+class OpenVinoEngine(OnnxFileEngine):
+    """The ONNX file compiled by OpenVINO for the CPU: one compiled model per (thread count, batch size), its input
+    shape static; float32 arithmetic (INFERENCE_PRECISION_HINT f32), one inference at a time on the current thread
+    count (PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS)."""
+
+    name = "openvino"
+    modules = ("openvino", "onnx")
+
+    def prepare(self, model_name, timm_model, state_dict, dtype):
+        path = export_onnx(model_name, timm_model, self.workdir)
+        compiled = {}
+
+        def forward(x):
+            key = (self.threads, x.shape[0])
+            if key not in compiled:
+                compiled[key] = openvino_compile(path, x.shape, self.threads)
+            return compiled[key]({0: x})[0]
+
+        return forward
+
+
+def openvino_compile(path, input_shape, threads):
+    """The ONNX file at ``path`` compiled for the CPU with the static ``input_shape``: a callable, inputs -> outputs."""
+    import openvino
+
+    core = openvino.Core()
+    model = core.read_model(path)
+    model.reshape({model.inputs[0].get_any_name(): list(input_shape)})
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(model, "CPU", config)
+
+
 def make_engines(args, workdir):
     engines = []
     for choice in args.engines:
@@ -249,10 +324,12 @@ def make_engines(args, workdir):
             engines.append(VitnpEngine("reference", args.reference_repeats, 0))
         elif choice == "torch":
             engines.append(TorchEngine(args.repeats, args.warmup))
-        elif OnnxRuntimeEngine.available(args.dtype):
-            engines.append(OnnxRuntimeEngine(args.repeats, args.warmup, workdir))
         else:
-            print("onnxruntime left out: onnx + onnxruntime not installed, or --dtype float64")
+            engine_class = OnnxRuntimeEngine if choice == "onnxruntime" else OpenVinoEngine
+            if engine_class.available(args.dtype):
+                engines.append(engine_class(args.repeats, args.warmup, workdir))
+            else:
+                print(f"{choice} left out: onnx + {choice} not installed, or --dtype float64")
     return engines
 
 
@@ -360,11 +437,11 @@ def run_benchmarks(args, engines, workdir):
                         max_abs_logit_diff=logit_diffs[engine.name], timed_forwards=engine.repeats,
                     )
                 if args.memory:
-                    onnx_engine = next((e for e in engines if e.name == "onnxruntime"), None)
-                    onnx_path = onnx_engine.paths[model_name] if onnx_engine else ""
+                    onnx_file = onnx_path(workdir, model_name)
+                    onnx_file = onnx_file if os.path.exists(onnx_file) else ""
                     for engine in engines:
                         row["engines"][engine.name]["peak_rss_mib"] = measure_memory(
-                            engine, model_name, npz_path, onnx_path, batch, n_threads, args.dtype)
+                            engine, model_name, npz_path, onnx_file, batch, n_threads, args.dtype)
                 rows.append(row)
                 print_row(row, args.memory)
                 if args.per_op:
@@ -378,7 +455,7 @@ def run_benchmarks(args, engines, workdir):
 
 def print_table_header(args, engines):
     timed = ", ".join(f"{e.name} {e.repeats}" for e in engines)
-    peers = " and ".join(p for p in PEERS if p in {e.name for e in engines}) or "(no peer timed)"
+    peers = ", ".join(p for p in PEERS if p in {e.name for e in engines}) or "(no peer timed)"
     print(f"\n{args.dtype}; medians of timed forwards ({timed}), engines alternating, after each engine's first "
           f"forward and {args.warmup} warm-up forwards (vitnp reference: none); / fastest peer: the engine's time over "
           f"the fastest of {peers}" + ("; peak RSS: a fresh process, one forward" if args.memory else ""))
@@ -400,7 +477,7 @@ def print_row(row, memory):
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
-SUMMARY_ENGINES = ("vitnp fast", "vitnp reference", "torch eager", "onnxruntime")
+SUMMARY_ENGINES = ("vitnp fast", "vitnp reference", "torch eager", "onnxruntime", "openvino")
 
 
 def print_summary(rows, memory):
@@ -418,12 +495,12 @@ def print_summary(rows, memory):
         return f"{engines[numerator]['ms_per_batch'] / engines[denominator]['ms_per_batch']:.2f}"
 
     print("\nsummary, ms per batch (median) and ratios of times (below 1: the first engine is faster):")
-    print("| model | batch | threads | vitnp fast | vitnp reference | torch eager | onnxruntime | fast / torch "
-          "| fast / fastest peer | reference / torch | reference / fast | max abs logit diff vs torch: fast, "
-          "reference |\n|" + "---|" * 12)
+    print("| model | batch | threads | vitnp fast | vitnp reference | torch eager | onnxruntime | openvino "
+          "| fast / torch | fast / fastest peer | reference / torch | reference / fast | max abs logit diff vs torch: "
+          "fast, reference, onnxruntime, openvino |\n|" + "---|" * 13)
     for row in rows:
         diffs = ", ".join("-" if engine not in row["engines"] else f"{row['engines'][engine]['max_abs_logit_diff']:.1e}"
-                          for engine in ("vitnp fast", "vitnp reference"))
+                          for engine in ("vitnp fast", "vitnp reference", "onnxruntime", "openvino"))
         cells = [row["model"], str(row["batch"]), str(row["threads"])]
         cells += [cell(row, engine, "ms_per_batch", 1) for engine in SUMMARY_ENGINES]
         cells += [over(row, "vitnp fast", "torch eager"), cell(row, "vitnp fast", "over_fastest_peer", 2),
@@ -431,7 +508,8 @@ def print_summary(rows, memory):
         print("| " + " | ".join(cells) + " |")
     if memory:
         print("\nsummary, peak RSS MiB (a fresh process: imports, model, one forward of the batch):")
-        print("| model | batch | threads | " + " | ".join(SUMMARY_ENGINES) + " |\n|" + "---|" * 7)
+        columns = ["model", "batch", "threads", *SUMMARY_ENGINES]
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
         for row in rows:
             cells = [row["model"], str(row["batch"]), str(row["threads"])]
             cells += [cell(row, engine, "peak_rss_mib", 0) for engine in SUMMARY_ENGINES]
@@ -591,6 +669,18 @@ session = onnxruntime.InferenceSession(ONNX, options, providers=["CPUExecutionPr
 shape = [BATCH if isinstance(d, str) else d for d in session.get_inputs()[0].shape]
 session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
 """,
+    "openvino": """
+import sys
+import numpy as np
+import openvino
+ONNX, BATCH, THREADS = sys.argv[7], int(sys.argv[3]), int(sys.argv[4])
+core = openvino.Core()
+model = core.read_model(ONNX)
+shape = [BATCH] + [d.get_length() for d in model.inputs[0].get_partial_shape()[1:]]
+model.reshape({model.inputs[0].get_any_name(): shape})
+config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+core.compile_model(model, "CPU", config)({0: np.zeros(shape, np.float32)})
+""",
 }
 
 # Peak RSS, MiB: VmHWM starts afresh at exec (ru_maxrss would carry the parent's peak over).
@@ -642,8 +732,9 @@ def print_environment(args):
     unset = os.environ.get("VITNP_BENCH_UNSET") or "none were set"
     print(f"command: python benchmarks/bench_models.py {shlex.join(sys.argv[1:])}")
     print(f"CPU: {cpu_report()}; load average {load_report()}")
+    print(f"CPU features for GEMM kernels: {gemm_features() or 'unknown (no /proc/cpuinfo)'}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, vitnp {vitnp.__version__}, "
-          + package_versions(["torch", "timm", "onnxruntime", "numba"]))
+          + package_versions(["torch", "timm", "onnxruntime", "openvino", "numba"]))
     print(f"OpenBLAS variables removed for this run: {unset}")
     print("glibc malloc: vitnp.memory.keep_freed_memory() called in this process (all engines) and in every fresh "
           "vitnp interpreter, as the vitnp command does")
@@ -682,16 +773,19 @@ def main(argv=None):
         startup = {}
         if not args.no_startup:
             startup_model = args.startup_model or args.models[0]
-            startup = {(startup_model, backend, "float32"): measure_startup(startup_model, backend)
-                       for backend in VITNP_BACKENDS}
+            startup = {(startup_model, backend, "float32", compile_mode):
+                       measure_startup(startup_model, backend, "float32", compile_mode)
+                       for backend, compile_mode in STARTUP_COMPILE.items()}
             print("\nstart-up, batch 1, a fresh interpreter each (cold: a new, empty NUMBA_CACHE_DIR; cached: the "
                   "same directory, filled by the cold run)")
             print_startup(startup)
 
         if args.json:
             with open(args.json, "w") as f:
-                startup_rows = [dict(model=m, backend=b, dtype=d, **states) for (m, b, d), states in startup.items()]
-                json.dump(dict(command=sys.argv, cpu=cpu_report(), gemm_peak_gflops=gemm_peaks, rows=rows,
+                startup_rows = [dict(model=m, backend=b, dtype=d, compile=c, **states)
+                                for (m, b, d, c), states in startup.items()]
+                json.dump(dict(command=sys.argv, cpu=cpu_report(), cpu_gemm_features=gemm_features(),
+                               gemm_peak_gflops=gemm_peaks, rows=rows,
                                startup=startup_rows, blas=blas_report(), numba=numba_report()), f, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

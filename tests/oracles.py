@@ -151,6 +151,24 @@ def in_dtype(module, dtype):
     return copy.deepcopy(module).double() if np.dtype(dtype) == np.float64 else module
 
 
+def with_vitnp_rope_table(eva):
+    """A timm ``Eva`` built for one image size, its cached rotary table replaced by vitnp's (in place); returns it.
+
+    Both tables are float32 values, computed once; vitnp's sin / cos are the float64 ones rounded, torch's float32
+    sin / cos are an ulp off at some entries, which moves a float64 model's outputs by ~1e-8. With vitnp's table the
+    float64 comparison checks the rest of the model at 2^-53; tests/test_eva.py compares the tables themselves.
+    """
+    import torch
+
+    from vitnp.eva import rope_table
+
+    rope = eva.rope
+    table = rope_table(tuple(rope.feat_shape), rope.dim, rope.ref_feat_shape, rope.rotate_half)
+    with torch.no_grad():
+        rope.pos_embed.copy_(torch.from_numpy(table))
+    return eva
+
+
 def numpy_state(module):
     """The module's state_dict as NumPy arrays (views of the tensors, no copy), keys in torch's order."""
     return {key: value.detach().numpy() for key, value in module.state_dict().items()}

@@ -79,7 +79,9 @@ def test_both_backends_have_the_same_ops_with_the_same_signatures():
 
 
 def test_every_op_is_compared_between_the_backends():
-    assert COMPARED == _functions(reference)
+    # an op the engine takes from the reference (the same function: vitnp/fast/ops.py says why) has no twin to compare
+    shared = {name for name in _functions(reference) if getattr(fast, name) is getattr(reference, name)}
+    assert COMPARED | shared == _functions(reference), sorted(_functions(reference) - COMPARED - shared)
 
 
 # ---- Linear, rows, patches -------------------------------------------------------------------------------------------
@@ -176,6 +178,16 @@ def test_attention_on_views_of_a_fused_qkv_and_on_separate_arrays(case):
         assert_close(y, expected, kind)
     assert_close(fast.attention_probs(q, k, scale, bias, mask), reference.attention_probs(q, k, scale, bias, mask),
                  kind)
+
+
+@compares("linear_self_attention")
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 40), st.integers(1, 24), DTYPES, SEEDS)
+def test_linear_self_attention(B, P, N, d, dtype, seed):
+    qkv = np.random.default_rng(seed).standard_normal((B, P, N, 1 + 2 * d)).astype(dtype) * 3
+    query, key, value = qkv[..., 0], qkv[..., 1:1 + d], qkv[..., 1 + d:]
+    y = fast.linear_self_attention(query, key, value)
+    assert y.dtype == dtype
+    assert_close(y, reference.linear_self_attention(query, key, value), _kind(dtype))
 
 
 # ---- Swin's roll and windows -----------------------------------------------------------------------------------------

@@ -13,9 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from numba.core import types
 
 import vitnp
+from vitnp import compiling
+
+from tolerances import assert_close
 
 NOTE = "vitnp: compiling its kernels for this CPU, once"
 RUN_DIGITS = (
@@ -87,6 +92,18 @@ def test_compile_kernels_fills_the_cache_a_later_run_loads(tmp_path):
     run_python(ahead, env)
     assert any((tmp_path / "cache").rglob("*.nbc"))
     assert NOTE not in run_digits(env)
+
+
+def test_a_change_in_any_kernel_module_recompiles_every_kernel(tmp_path):
+    # A kernel compiles the functions it calls from other modules into itself (vecmath's exp into the GEMM), so its
+    # cached code is only valid for the sources of every kernel module: a change in one recompiles them all.
+    source = copy_of_package(tmp_path)
+    env = clean_env(PYTHONPATH=str(source), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    assert NOTE in run_digits(env)
+    assert NOTE not in run_digits(env)
+    with open(source / "vitnp" / "reference" / "resample.py", "a") as resample:  # no kernel of its own
+        resample.write("\n# a change\n")
+    assert NOTE in run_digits(env)
 
 
 def test_without_announce_compiling_a_library_user_sees_nothing(tmp_path):
@@ -167,6 +184,73 @@ for module_info in pkgutil.iter_modules(vitnp.fast.__path__):
             kernels[f"{module.__name__}.{value.py_func.__name__}"] = [str(s) for s in value.signatures]
 print(json.dumps(kernels))
 """
+
+
+TIERED_DIGITS = """
+import numpy as np, vitnp
+from vitnp.compiling import tiering
+vitnp.announce_compiling()
+x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
+fast = vitnp.create_model('vit_digits_patch4_32')
+first = fast(x)
+tiering.wait(timeout=240)
+later = fast(x)
+reference = vitnp.create_model('vit_digits_patch4_32', backend='reference')(x)
+np.save({out!r}, np.stack([first, later, reference]))
+print(tiering.states)
+"""
+
+
+def test_on_an_empty_cache_the_fast_backend_answers_at_once_and_compiles_in_the_background(tmp_path):
+    env = clean_env(NUMBA_CACHE_DIR=str(tmp_path / "cache"), VITNP_COMPILE="background")
+    out = tmp_path / "outputs.npy"
+    result = run(TIERED_DIGITS.format(out=str(out)), env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("vitnp: compiling its kernels") == 1 and "in the background" in result.stderr
+    assert result.stdout.strip() == "{'float32': 'ready'}"  # the other process compiled every kernel the forward needs
+    first, later, reference = np.load(out)
+    np.testing.assert_array_equal(first, reference)  # the first forward ran the reference's ops
+    assert not np.array_equal(later, reference)  # the later one the engine's (equal to rounding, not bit for bit)
+    assert_close(later, reference, "model")
+    # The engine's kernels are in the cache now: a process that would compile them at once has nothing to compile.
+    again = run(TIERED_DIGITS.format(out=str(out)), dict(env, VITNP_COMPILE="wait"))
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    first, later, _ = np.load(out)
+    np.testing.assert_array_equal(first, later)
+
+
+class FinishedProcess:
+    def poll(self):
+        return 0
+
+
+def test_tiering_states_compile_elsewhere_then_here(monkeypatch):
+    # A dtype's first miss starts a compiling process and runs the reference's op; once the process has finished,
+    # a kernel still missing (one the process's forwards did not need) is compiled here rather than waited for again.
+    tiering = compiling.Tiering()
+    monkeypatch.setattr(tiering, "forced_mode", "background")
+    started = []
+
+    def start_compiler(dtype):
+        started.append(dtype)
+        tiering.compilers[dtype] = FinishedProcess()
+        return "compiling"
+
+    monkeypatch.setattr(tiering, "_start_compiler", start_compiler)
+    assert tiering.held_back([types.float32[:, :], types.int64[:]]) == ["float32"]
+    assert tiering.held_back([types.int64[:]]) == []  # kernels of no float array compile here, at once
+    assert tiering._after_miss(["float32"]) is False and started == ["float32"]
+    assert tiering.state("float32") == "ready"
+    assert tiering._after_miss(["float32"]) is True and started == ["float32"]
+    assert tiering.held_back([types.float32[:, :]]) == [] and tiering.held_back([types.float64[:]]) == ["float64"]
+    monkeypatch.setattr(tiering, "forced_mode", "wait")
+    assert tiering.held_back([types.float64[:]]) == []
+
+
+def test_an_unknown_compile_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("VITNP_COMPILE", "later")
+    with pytest.raises(ValueError, match="VITNP_COMPILE='later'"):
+        compiling.Tiering().mode()
 
 
 def test_one_specialisation_per_kernel_for_a_dtype():

@@ -73,7 +73,7 @@ def _nhwc(t):
 
 def _torch_activation(act):
     return {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-            "silu": F.silu}[act]
+            "silu": F.silu, "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t)}[act]
 
 
 def _norm_params(rng, channels, dtype):

@@ -1,8 +1,9 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
-from .kernel_cache import announce_compiling, install_fallback_locator
+from .compiling import announce_compiling
+from .kernel_cache import install_kernel_locators
 
-install_fallback_locator()  # before any kernel is defined: vitnp runs where no cache folder is writable
+install_kernel_locators()  # before any kernel is defined: cached by the kernel sources, and where nothing is writable
 
 from .layouts import LayoutError
 from .memory import keep_freed_memory

@@ -30,7 +30,18 @@ def default_backend(unset="fast"):
     return name
 
 
+_tiered_ops = None
+
+
 def backend_ops(name):
-    """The ops module of backend ``name``, imported on first use (a process that runs the reference never loads the
-    engine)."""
-    return importlib.import_module(f".{check_backend(name)}.ops", __package__)
+    """The ops of backend ``name``, imported on first use (a process that runs the reference never loads the engine):
+    :mod:`vitnp.reference.ops`, or the fast backend's ops through :class:`vitnp.compiling.TieredOps`, which runs
+    an op on the reference's kernels while its own are not compiled yet (``VITNP_COMPILE``)."""
+    global _tiered_ops
+    if check_backend(name) == "reference":
+        return importlib.import_module(".reference.ops", __package__)
+    if _tiered_ops is None:
+        from .compiling import TieredOps
+
+        _tiered_ops = TieredOps()
+    return _tiered_ops

@@ -10,7 +10,7 @@ import difflib
 import os
 import sys
 
-from . import kernel_cache, memory
+from . import compiling, memory
 from .backends import BACKENDS
 
 
@@ -510,7 +510,7 @@ COMMANDS = {
 }
 
 # The subcommands that run a model: ``main`` fixes malloc's thresholds for them (:func:`vitnp.memory.keep_freed_memory`)
-# and has vitnp say so on stderr when it compiles its kernels (:func:`vitnp.kernel_cache.announce_compiling`)
+# and has vitnp say so on stderr when it compiles its kernels (:func:`vitnp.compiling.announce_compiling`)
 RUNS_A_MODEL = ("demo", "predict", "verify", "attention", "embed")
 
 
@@ -534,7 +534,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in RUNS_A_MODEL:
         memory.keep_freed_memory()
-        kernel_cache.announce_compiling()
+        compiling.announce_compiling()
     try:
         return args.run(args)
     except (CommandError, ValueError) as error:

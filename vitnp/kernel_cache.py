@@ -1,4 +1,4 @@
-"""Where vitnp's compiled kernels are kept, and the note that says when they are being compiled.
+"""Where vitnp's compiled kernels are kept, and compiling them ahead of a run.
 
 Numba compiles a kernel the first time it runs for a dtype and memory layout, and keeps the machine code on disk
 (``cache=True``), so that later processes load it in milliseconds. It looks for a writable place in this order:
@@ -8,21 +8,27 @@ writable (a container or a Dask worker without a home folder), Numba refuses to 
 vitnp's own kernels one more place is tried last, a folder of the system's temporary directory that belongs to the
 user (:class:`TemporaryFolderLocator`), so that vitnp runs there and compiles once per machine boot, not per process.
 
-:func:`announce_compiling` prints one line when a kernel of vitnp's really is compiled (loading one from the cache is
-silent); the ``vitnp`` command turns it on, so that a first run does not look hung.
+:func:`compile_kernels` (``vitnp compile``) compiles every kernel the registered models use at once;
+:func:`compile_from_stdin` is the process :mod:`vitnp.compiling` starts to compile one model's fast kernels while the
+model runs on the reference backend's.
 """
 
+import contextlib
+import functools
+import hashlib
 import multiprocessing
 import os
+import pickle
 import stat
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
-from numba.core import caching, event
+from numba.core import caching
+
+from . import compiling
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +45,50 @@ def _is_private_folder(path):
     return stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o022 and not (getuid and info.st_uid != getuid())
 
 
-class TemporaryFolderLocator(caching.UserWideCacheLocator):
+def _is_vitnp_source(py_file):
+    return os.path.commonpath([PACKAGE_DIR, os.path.abspath(py_file)]) == PACKAGE_DIR
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_sources_digest():
+    """A digest of every source file that holds kernels (vitnp/fast, vitnp/reference): read once per process."""
+    digest = hashlib.sha256()
+    for folder in ("fast", "reference"):
+        for name in sorted(os.listdir(os.path.join(PACKAGE_DIR, folder))):
+            if name.endswith(".py"):
+                with open(os.path.join(PACKAGE_DIR, folder, name), "rb") as source:
+                    digest.update(f"{folder}/{name}\0".encode() + source.read())
+    return digest.hexdigest()
+
+
+class _KernelSources:
+    """For vitnp's kernels only: the compiled code is valid for the sources of all of vitnp's kernel modules, not
+    for the kernel's own file alone (Numba's stamp), because a kernel compiles the functions it calls from other
+    modules (vecmath's exp and activations, schedule's chunks) into itself: a change there must recompile it."""
+
+    def get_source_stamp(self):
+        return kernel_sources_digest()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not _is_vitnp_source(py_file):
+            return None  # another package's function: Numba's own rules, unchanged
+        return super().from_function(py_func, py_file)
+
+
+class _UserProvidedLocator(_KernelSources, caching.UserProvidedCacheLocator):
+    """``$NUMBA_CACHE_DIR``, with the stamp of :class:`_KernelSources`."""
+
+
+class _InTreeLocator(_KernelSources, caching.InTreeCacheLocator):
+    """The ``__pycache__`` folder beside the source, with the stamp of :class:`_KernelSources`."""
+
+
+class _UserWideLocator(_KernelSources, caching.UserWideCacheLocator):
+    """The user's cache folder (``~/.cache/numba``), with the stamp of :class:`_KernelSources`."""
+
+
+class TemporaryFolderLocator(_KernelSources, caching.UserWideCacheLocator):
     """Numba's user-wide cache locator rooted in ``<tmp>/vitnp-kernels-<uid>``, for vitnp's sources only: the last
     place tried, where Numba would otherwise raise "no locator available"."""
 
@@ -54,57 +103,17 @@ class TemporaryFolderLocator(caching.UserWideCacheLocator):
             raise OSError(f"{self._root} is not a private folder of this user")
         super().ensure_cache_path()
 
-    @classmethod
-    def from_function(cls, py_func, py_file):
-        if os.path.commonpath([PACKAGE_DIR, os.path.abspath(py_file)]) != PACKAGE_DIR:
-            return None  # another package's function: Numba's own rules, unchanged
-        return super().from_function(py_func, py_file)
 
-
-def install_fallback_locator():
-    """Let Numba try :class:`TemporaryFolderLocator` after its own locators (once; before any kernel is defined)."""
-    if TemporaryFolderLocator not in caching.CacheImpl._locator_classes:
-        caching.CacheImpl._locator_classes.append(TemporaryFolderLocator)
-
-
-def kernel_cache_dir(dispatcher):
-    """The folder where Numba keeps ``dispatcher``'s compiled code."""
-    return dispatcher._cache.cache_path
-
-
-class _CompileNote(event.Listener):
-    """Writes the note once, when Numba starts compiling (not loading) the first kernel of vitnp's in this process."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.lock = threading.Lock()
-        self.written = False
-
-    def on_start(self, numba_event):
-        dispatcher = numba_event.data["dispatcher"]
-        if not dispatcher.py_func.__module__.startswith("vitnp."):
-            return
-        with self.lock:
-            if self.written:
-                return
-            self.written = True
-        print(f"vitnp: compiling its kernels for this CPU, once (seconds to a minute); later runs load them from the "
-              f"cache, e.g. {kernel_cache_dir(dispatcher)}", file=self.stream or sys.stderr, flush=True)
-
-    def on_end(self, numba_event):
-        pass
-
-
-_note = None
-
-
-def announce_compiling(stream=None):
-    """From now on, print one line on ``stream`` (default: stderr) the first time this process compiles one of
-    vitnp's kernels. Nothing is printed when every kernel a run needs comes from the cache."""
-    global _note
-    if _note is None:
-        _note = _CompileNote(stream)
-        event.register("numba:compile", _note)
+def install_kernel_locators():
+    """Have Numba find vitnp's kernels through its own three places with the stamp of :class:`_KernelSources`, then
+    :class:`TemporaryFolderLocator` last (once; before any kernel is defined)."""
+    locators = caching.CacheImpl._locator_classes
+    if TemporaryFolderLocator in locators:
+        return
+    for ours in (_UserProvidedLocator, _InTreeLocator, _UserWideLocator):
+        numbas = next(base for base in ours.__bases__ if base is not _KernelSources)
+        locators.insert(locators.index(numbas), ours)
+    locators.append(TemporaryFolderLocator)
 
 
 # One registered model of each kind whose forward calls a different set of kernels (a 1-channel stem, the distillation
@@ -138,8 +147,27 @@ def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), process
     jobs = [(name, backend, dtype) for dtype in dtypes for backend in backends for name in names]
     start = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")  # not fork: this process may have threads (the fast backend's)
-    with ProcessPoolExecutor(max_workers=processes or os.cpu_count(), mp_context=spawn) as pool:
+    with ProcessPoolExecutor(max_workers=processes or os.cpu_count(), mp_context=spawn,
+                             initializer=compiling.compile_in_foreground) as pool:
         for done in as_completed([pool.submit(_first_forwards, *job) for job in jobs]):
             name, backend, dtype = done.result()
             if report is not None:
                 report(name, backend, dtype, time.perf_counter() - start)
+
+
+def compile_from_stdin(dtype):
+    """The background compiler's process: the pickled model (or None) on stdin; its fast kernels for ``dtype`` are
+    compiled (or found in the cache) by forwards at batch 1 and 2 of a randomly initialised copy."""
+    with contextlib.suppress(OSError):
+        os.nice(5)  # the process that asked runs its forwards meanwhile: it comes first
+    model = pickle.loads(sys.stdin.buffer.read())
+    if model is None:
+        for name in KERNEL_SAMPLES:
+            _first_forwards(name, "fast", dtype)
+        return
+    family, config, image_shape, _ = model
+    model = family(config)
+    model.init_weights(dtype=dtype)
+    model.set_backend("fast")
+    for batch in (1, 2):
+        model(np.zeros((batch, *image_shape), dtype))

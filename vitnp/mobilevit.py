@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .layers import Block, LayerNorm, Linear
-from .model import Model, Module
+from .model import Identity, Model, Module
 from .preprocess_config import data_cfg
 
 GLOBAL_POOLS = ("avg", "max", "avgmax", "")
@@ -233,22 +233,40 @@ class MobileVitBlock(Module):
         resized = (new_h, new_w) != (H, W)
         if resized:  # timm resizes a map that is not whole patches (padding would need masking in attention)
             x = self.ops.resize_bilinear(x, (new_h, new_w))
-        nh, nw = new_h // p, new_w // p
-        # Unfold: token n = i*nw + j of sequence b*P + ph*p + pw is pixel (i*p + ph, j*p + pw) of image b, so each of
-        # the P = p*p sequences of an image holds one pixel position of every patch.
-        x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
-        x = x.reshape(B * p * p, nh * nw, d)  # (B*P, N, d)
+        x = unfold_patches(x, p)  # (B, P, N, d)
+        x = x.reshape(B * p * p, -1, d)  # (B*P, N, d): each sequence on its own
 
-        x = self.ops.transformer_blocks(x, self.transformer_blocks)  # (B*P, N, d): each sequence on its own
+        x = self.ops.transformer_blocks(x, self.transformer_blocks)
         x = self.norm(x)
 
-        x = x.reshape(B, p, p, nh, nw, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d): fold
-        x = x.reshape(B, new_h, new_w, d)
+        x = fold_patches(x.reshape(B, p * p, -1, d), p, (new_h, new_w))  # (B, new_h, new_w, d)
         if resized:
             x = self.ops.resize_bilinear(x, (H, W))
 
         x = self.conv_proj(x)  # (B, H, W, C)
         return self.conv_fusion((shortcut, x))  # on cat(shortcut, x), (B, H, W, 2C) -> (B, H, W, C)
+
+
+def unfold_patches(x, patch_size):
+    """timm's unfold of a MobileViT block, channels last: (B, H, W, d) -> (B, P, N, d), P = p*p, N = (H/p)(W/p).
+
+    Token n = i*nw + j of sequence ph*p + pw is pixel (i*p + ph, j*p + pw), so each of the P sequences of an image
+    holds one pixel position of every patch. H and W are multiples of p.
+    """
+    B, H, W, d = x.shape
+    p = patch_size
+    nh, nw = H // p, W // p
+    x = x.reshape(B, nh, p, nw, p, d).transpose(0, 2, 4, 1, 3, 5)  # (B, ph, pw, nh, nw, d)
+    return x.reshape(B, p * p, nh * nw, d)
+
+
+def fold_patches(x, patch_size, size):
+    """The inverse of :func:`unfold_patches`: (B, P, N, d) -> the (B, H, W, d) map, ``size`` = (H, W)."""
+    B, _, _, d = x.shape
+    p = patch_size
+    H, W = size
+    x = x.reshape(B, p, p, H // p, W // p, d).transpose(0, 3, 1, 4, 2, 5)  # (B, nh, ph, nw, pw, d)
+    return x.reshape(B, H, W, d)
 
 
 
@@ -261,6 +279,7 @@ class MobileViT(Model):
     """
 
     Config = MobileViTConfig
+    mv2_depths = _MV2_DEPTHS
     fixed_by_name = (
         "stem_chs",
         "stage_chs",
@@ -279,40 +298,49 @@ class MobileViT(Model):
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
         if cfg.global_pool == "" and cfg.num_classes:
             raise ValueError("global_pool='' keeps the (B, C, h, w) map, which has no classifier: set num_classes=0")
-        num_transformer_stages = len(_MV2_DEPTHS) - _FIRST_TRANSFORMER_STAGE
-        if len(cfg.stage_chs) != len(_MV2_DEPTHS):
-            raise ValueError(f"stage_chs needs {len(_MV2_DEPTHS)} entries, got {cfg.stage_chs}")
-        if len(cfg.transformer_dims) != num_transformer_stages or len(cfg.transformer_depths) != num_transformer_stages:
-            raise ValueError(f"transformer_dims and transformer_depths need {num_transformer_stages} entries each")
-        for dim in cfg.transformer_dims:
-            if dim % cfg.num_heads:
-                raise ValueError(f"transformer dim {dim} is not divisible by num_heads {cfg.num_heads}")
+        if len(cfg.stage_chs) != len(self.mv2_depths):
+            raise ValueError(f"stage_chs needs {len(self.mv2_depths)} entries, got {cfg.stage_chs}")
+        if len(cfg.transformer_depths) != len(self.mv2_depths) - _FIRST_TRANSFORMER_STAGE:
+            raise ValueError(f"transformer_depths needs {len(self.mv2_depths) - _FIRST_TRANSFORMER_STAGE} entries")
+        self.check_transformer_config(cfg)
         self.cfg = cfg
         self.img_size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
         self.in_chans = cfg.in_chans
         self.num_classes = cfg.num_classes
-        self.num_features = cfg.num_features
+        self.num_features = cfg.num_features or cfg.stage_chs[-1]  # timm: no final conv when num_features is 0
 
         self.stem = ConvNormAct(cfg.in_chans, cfg.stem_chs, 3, stride=2)
         self.stages = Module()
         self.block_list = []
         in_chs = cfg.stem_chs
-        for s, (chs, depth, stride) in enumerate(zip(cfg.stage_chs, _MV2_DEPTHS, _STAGE_STRIDES)):
+        for s, (chs, depth, stride) in enumerate(zip(cfg.stage_chs, self.mv2_depths, _STAGE_STRIDES)):
             stage = Module()
             for b in range(depth):
                 setattr(stage, str(b), BottleneckBlock(in_chs, chs, stride if b == 0 else 1, cfg.bottle_ratio))
                 in_chs = chs
             if s >= _FIRST_TRANSFORMER_STAGE:
-                t = s - _FIRST_TRANSFORMER_STAGE
-                dim, layers = cfg.transformer_dims[t], cfg.transformer_depths[t]
-                block = MobileVitBlock(chs, dim, layers, cfg.patch_size, cfg.num_heads, cfg.mlp_ratio)
-                setattr(stage, str(depth), block)
+                setattr(stage, str(depth), self.make_transformer_block(s - _FIRST_TRANSFORMER_STAGE, chs))
             setattr(self.stages, str(s), stage)
             self.block_list += list(stage._modules.values())
-        self.final_conv = ConvNormAct(in_chs, cfg.num_features, 1)
+        self.final_conv = ConvNormAct(in_chs, cfg.num_features, 1) if cfg.num_features else Identity()
         self.head = Module()
         if cfg.num_classes:
-            self.head.fc = Linear(cfg.num_features, cfg.num_classes)
+            self.head.fc = Linear(self.num_features, cfg.num_classes)
+
+    def check_transformer_config(self, cfg):
+        """The checks of the transformer stages' arguments (MobileViT v1: a width per stage, divisible by the heads)."""
+        if len(cfg.transformer_dims) != len(cfg.transformer_depths):
+            raise ValueError(f"transformer_dims needs {len(cfg.transformer_depths)} entries (one per transformer "
+                             f"stage), got {cfg.transformer_dims}")
+        for dim in cfg.transformer_dims:
+            if dim % cfg.num_heads:
+                raise ValueError(f"transformer dim {dim} is not divisible by num_heads {cfg.num_heads}")
+
+    def make_transformer_block(self, index, chs):
+        """The MobileViT block that ends transformer stage ``index`` (0 for stage 2), on ``chs`` channels."""
+        cfg = self.cfg
+        return MobileVitBlock(chs, cfg.transformer_dims[index], cfg.transformer_depths[index], cfg.patch_size,
+                              cfg.num_heads, cfg.mlp_ratio)
 
     def check_image_size(self, height, width):
         if height < 1 or width < 1:

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .backends import backend_ops, check_backend, default_backend
+from .compiling import note_model
 
 
 class WeightsError(ValueError):
@@ -105,7 +106,7 @@ class Module:
 
         ``init`` is 'zeros', 'ones', 'trunc_normal' (std 0.02, cut at +-2 std, timm's default for Linear weights
         and position embeddings), 'small_normal' (std 1e-6, timm's class token) or 'lecun_normal' (a Conv2d patch
-        embedding: std sqrt(1 / fan_in)).
+        embedding: std sqrt(1 / fan_in)), or a number: every value that constant (timm's LayerScale init_values).
         """
         self._parameters[name] = np.zeros(shape, dtype=np.float32)
         self._inits[name] = init
@@ -175,6 +176,8 @@ def _trunc_normal(rng, shape, std):
 
 
 def _initial_value(rng, init, shape):
+    if isinstance(init, float):
+        return np.full(shape, init)
     if init == "zeros":
         return np.zeros(shape)
     if init == "ones":
@@ -234,6 +237,7 @@ class Model(Module):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans} input channels (axis 1 of NCHW), got shape {x.shape}")
         self.check_image_size(x.shape[2], x.shape[3])
+        note_model(self, x.shape[1:])  # the model whose kernels a cold cache compiles first (vitnp.compiling)
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def check_image_size(self, height, width):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layers import Identity, LayerNorm, Linear
+from .layers import Identity, LayerNorm, Linear, split_heads
 from .model import Model, Module
 from .preprocess_config import data_cfg
 
@@ -317,10 +317,7 @@ class MultiheadAttention(Module):
 
     def __init__(self, dim, num_heads):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.num_heads, self.head_dim, self.scale = split_heads(dim, num_heads)
         self.add_parameter("in_proj_weight", (3 * dim, dim), "trunc_normal")
         self.add_parameter("in_proj_bias", (3 * dim,), "zeros")
         self.out_proj = Linear(dim, dim)
@@ -330,7 +327,7 @@ class MultiheadAttention(Module):
         qkv = self.ops.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3D): q | k | v
         qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        x = self.ops.scaled_dot_product_attention(q, k, v, self.head_dim**-0.5)  # softmax(q k^T * scale) v
+        x = self.ops.scaled_dot_product_attention(q, k, v, self.scale)  # softmax(q k^T * scale) v
         x = x.transpose(0, 2, 1, 3).reshape(B, N, D)  # heads joined
         return self.out_proj(x)
 

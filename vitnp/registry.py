@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from . import layouts, mobilevit, notes_vit, swin, swinv2, vit
+from . import eva, layouts, mobilevit, mobilevitv2, notes_vit, swin, swinv2, vit
 from .backends import check_backend, default_backend
 from .model import WeightsError, count_params
 
@@ -24,7 +24,9 @@ _FAMILIES = [
     (vit.VisionTransformer, vit.DINO_MODELS),
     (swin.SwinTransformer, swin.MODELS),
     (swinv2.SwinTransformerV2, swinv2.MODELS),
+    (eva.Eva, eva.MODELS),
     (mobilevit.MobileViT, mobilevit.MODELS),
+    (mobilevitv2.MobileViTV2, mobilevitv2.MODELS),
     *notes_vit.FAMILIES,  # the notes' hand-built ViTs (seeds 000, 003) and lucidrains vit_pytorch.ViT
 ]
 _REGISTRY = {name: (family, arch, data_cfg) for family, table in _FAMILIES for name, (arch, data_cfg) in table.items()}
@@ -199,7 +201,7 @@ def check_arguments(config_class, args, origin=lambda key: "argument"):
 def _argument_problem(key, value, default):
     """What is wrong with ``value`` for the constructor argument ``key`` (whose default is ``default``), or None."""
     limit = _LIMITS.get(key, MAX_WIDTH)
-    if key == "num_classes" or key == "representation_size":  # 0 (or None) for none
+    if key in ("num_classes", "representation_size", "reg_tokens"):  # 0 (or None) for none
         return None if value is None and key == "representation_size" else _size_problem(value, limit, minimum=0)
     if key == "fc_norm":
         return None if value is None or _is_bool(value) else "must be None, True or False"

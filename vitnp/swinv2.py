@@ -267,6 +267,15 @@ MODELS = {
     "swinv2_base_window12to16_192to256": (
         dict(img_size=256, window_size=16, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
              pretrained_window_sizes=_PRETRAINED_AT_12), _SWINV2_256),
+    "swinv2_base_window12to24_192to384": (
+        dict(img_size=384, window_size=24, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+             pretrained_window_sizes=_PRETRAINED_AT_12), _SWINV2_384),
+    "swinv2_large_window12_192": (  # default tag ms_in22k: the 21841-class ImageNet-22k head
+        dict(img_size=192, num_classes=21841, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
+             num_heads=(6, 12, 24, 48)), _SWINV2_192),
+    "swinv2_large_window12to16_192to256": (
+        dict(img_size=256, window_size=16, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
+             pretrained_window_sizes=_PRETRAINED_AT_12), _SWINV2_256),
     "swinv2_large_window12to24_192to384": (
         dict(img_size=384, window_size=24, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
              pretrained_window_sizes=_PRETRAINED_AT_12), _SWINV2_384),

@@ -1,6 +1,6 @@
 """Layer-by-layer comparison of a model's named intermediates (``forward_trace``) with another implementation's.
 
-The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names (ViT:
+The reference is an .npz holding the input under ``input`` (B, C, H, W) and any of the trace's names (ViT, EVA-02:
 'patch_embed', 'pos_embed', 'blocks.{i}.attn', 'blocks.{i}.mlp', 'blocks.{i}', 'norm'; Swin v1 / v2: 'patch_embed',
 'layers.{i}.downsample', 'layers.{i}.blocks.{j}', 'norm'; MobileViT: 'stem', 'stages.{s}.{b}', 'final_conv'; the
 notes' and lucidrains' ViTs: the module paths of their PyTorch code, see their ``forward_trace``; all: 'pre_logits',
@@ -9,7 +9,11 @@ notes' and lucidrains' ViTs: the module paths of their PyTorch code, see their `
 reference backend (:func:`compare_backends`: the fast backend checked against the readable formulas, no torch).
 """
 
+import functools
+
 import numpy as np
+
+from .compiling import compile_in_foreground
 
 # Agreement expected of a correct implementation (random weights, inputs ~N(0, 1)): float32 differs by GEMM
 # rounding (~1e-6 on values ~1; 100x margin), float64 by ~1e-15.
@@ -69,7 +73,11 @@ def _random_input(model, size, seed=0, batch=1):
 def compare_backends(model, image_size=None, seed=0):
     """The fast backend's ``forward_trace`` against the reference backend's, on ``model``'s weights and a seeded random
     batch of two images (two, so that a kernel mixing up a batch's items shows), ``image_size`` square or the model's
-    size: the rows of :func:`compare_traces`. Any family; no torch. ``model`` is left on the backend it was on."""
+    size: the rows of :func:`compare_traces`. Any family; no torch. ``model`` is left on the backend it was on.
+
+    The fast side must run the engine's own kernels, so the process compiles any that are missing at once from now on
+    (:func:`vitnp.compiling.compile_in_foreground`), instead of running the reference's while they compile."""
+    compile_in_foreground()
     size = (image_size, image_size) if image_size else tuple(model.img_size)
     x = _random_input(model, size, seed, batch=2)
     backend = model.backend
@@ -90,11 +98,11 @@ def torch_reference(model, image_size=None, seed=0):
     except ImportError as error:
         raise ValueError("--torch needs PyTorch and timm: pip install torch timm") from error
     twins = {"VisionTransformer": _timm_vit, "SwinTransformer": _timm_swin, "SwinTransformerV2": _timm_swin,
-             "MobileViT": _timm_mobilevit}
+             "MobileViT": _timm_mobilevit, "MobileViTV2": _timm_mobilevit, "Eva": _timm_eva}
     family = type(model).__name__
     if family not in twins:
-        raise ValueError(f"layer-by-layer tracing against timm covers the ViT / DeiT / DINO, Swin (v1, v2) and "
-                         f"MobileViT families, not {model.name}")
+        raise ValueError(f"layer-by-layer tracing against timm covers the ViT / DeiT / DINO, Swin (v1, v2), "
+                         f"MobileViT (v1, v2) and EVA-02 families, not {model.name}")
     size = image_size or model.img_size[0]
     reference, hooked = twins[family](timm, model, size)
     torch_dtype = torch.float64 if model.dtype == np.float64 else torch.float32
@@ -111,12 +119,12 @@ def torch_reference(model, image_size=None, seed=0):
     x = _random_input(model, (size, size), seed)
     with torch.no_grad():
         features = reference.forward_features(torch.from_numpy(x))
-        if family != "MobileViT":  # its forward_features output is the hooked final_conv's
+        if not family.startswith("MobileViT"):  # its forward_features output is the hooked final_conv's
             outputs["norm"] = features.numpy()
         outputs["pre_logits"] = reference.forward_head(features, pre_logits=True).numpy()
         if reference.num_classes:
             outputs["logits"] = reference.forward_head(features).numpy()
-    if family == "VisionTransformer" and outputs["patch_embed"].ndim == 4:  # dynamic_img_size: NHWC patch tokens
+    if family in ("VisionTransformer", "Eva") and outputs["patch_embed"].ndim == 4:  # dynamic_img_size: NHWC
         outputs["patch_embed"] = outputs["patch_embed"].reshape(1, -1, model.cfg.embed_dim)
     return x, outputs
 
@@ -128,14 +136,19 @@ def _timm_vit(timm, model, size):
         raise ValueError(f"timm resamples position embeddings its own way; {model.name} uses the "
                          f"{cfg.pos_embed_resample!r} resampler: compare at the trained size {model.img_size[0]}")
     base = "deit_base_distilled_patch16_224" if cfg.distilled else "vit_base_patch16_224"
+    mlp_layer = timm.layers.SwiGLUPacked if cfg.mlp_layer == "swiglu_packed" else timm.layers.Mlp
     reference = timm.create_model(
         base, pretrained=False, img_size=model.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
-        fc_norm=cfg.fc_norm, dynamic_img_size=size != model.img_size[0],
+        fc_norm=cfg.fc_norm, dynamic_img_size=size != model.img_size[0], reg_tokens=cfg.reg_tokens,
+        no_embed_class=cfg.no_embed_class, pre_norm=cfg.pre_norm, init_values=cfg.init_values, qk_norm=cfg.qk_norm,
+        norm_layer=functools.partial(timm.layers.LayerNorm, eps=cfg.norm_eps), act_layer=cfg.act, mlp_layer=mlp_layer,
         **({} if cfg.distilled else {"representation_size": cfg.representation_size}),
     )
     hooked = {"patch_embed": "patch_embed", "pos_embed": "pos_drop"}
+    if cfg.pre_norm:
+        hooked["norm_pre"] = "norm_pre"
     for i in range(cfg.depth):
         hooked.update({f"blocks.{i}.attn": f"blocks.{i}.attn", f"blocks.{i}.mlp": f"blocks.{i}.mlp",
                        f"blocks.{i}": f"blocks.{i}"})
@@ -173,4 +186,35 @@ def _timm_mobilevit(timm, model, size):
     hooked = {"stem": "stem", "final_conv": "final_conv"}
     for s, stage in reference.stages.named_children():
         hooked.update({f"stages.{s}.{b}": f"stages.{s}.{b}" for b, _ in stage.named_children()})
+    return reference, hooked
+
+
+def _timm_eva(timm, model, size):
+    """timm's Eva with ``model``'s config. In float64 it gets vitnp's rotary table: both are float32 values, an ulp
+    apart at some entries (torch's float32 sin / cos), which would move float64 outputs by ~1e-8."""
+    import torch
+    from timm.models.eva import Eva
+
+    from .eva import rope_table
+
+    cfg = model.cfg
+    if not cfg.dynamic_img_size and (size != model.img_size[0] or model.img_size[0] != model.img_size[1]):
+        raise ValueError(f"{model.name} takes {model.img_size} images only: build it with dynamic_img_size=True to "
+                         "compare at another size")
+    reference = Eva(
+        img_size=model.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        global_pool=cfg.global_pool, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+        qkv_bias=cfg.qkv_bias, qkv_fused=cfg.qkv_fused, mlp_ratio=cfg.mlp_ratio, swiglu_mlp=cfg.swiglu_mlp,
+        scale_mlp=cfg.scale_mlp, class_token=cfg.class_token, use_rot_pos_emb=cfg.use_rot_pos_emb,
+        ref_feat_shape=cfg.ref_feat_shape, rope_rotate_half=cfg.rope_rotate_half, use_fc_norm=cfg.use_fc_norm,
+        dynamic_img_size=cfg.dynamic_img_size, norm_layer=functools.partial(timm.layers.LayerNorm, eps=cfg.norm_eps),
+    )
+    rope = reference.rope
+    if model.dtype == np.float64 and rope is not None and rope.pos_embed is not None:
+        table = rope_table(tuple(rope.feat_shape), rope.dim, rope.ref_feat_shape, rope.rotate_half)
+        rope.pos_embed.copy_(torch.from_numpy(table))
+    hooked = {"patch_embed": "patch_embed", "pos_embed": "pos_drop"}
+    for i in range(cfg.depth):
+        hooked.update({f"blocks.{i}.attn": f"blocks.{i}.attn", f"blocks.{i}.mlp": f"blocks.{i}.mlp",
+                       f"blocks.{i}": f"blocks.{i}"})
     return reference, hooked

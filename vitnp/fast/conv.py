@@ -73,8 +73,8 @@ def depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, row_pad
     # c] + shift[c]), taps outside the map reading zero padding, for the output rows b * Ho + i in [first, end).
     # The sum runs in tap order (u, v) with fused multiply-adds from zero, in registers: four vectors of channels at a
     # time (four independent chains, so that each FMA need not wait for the one before), then one vector, then the
-    # channels past the last whole vector one by one. SiLU and GELU are applied in the registers (to those last
-    # channels in memory), gelu_tanh over the output row. A 3x3 window inside the map (all but MobileViT's edge
+    # channels past the last whole vector one by one. SiLU, GELU and QuickGELU are applied in the registers (to those
+    # last channels in memory), gelu_tanh over the output row. A 3x3 window inside the map (all but MobileViT's edge
     # pixels) runs its nine taps as one loop of constant length, which LLVM unrolls (bit for bit the same sums as the
     # two loops over the taps inside, tested). At stride 1, with C whole vectors, four pixels side by side whose
     # windows are inside go together (_depthwise_3x3_four_pixels), sharing the loads of the taps and of the input

@@ -62,8 +62,8 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
     # vector alone: MobileViT's 144-column and head_dim-36 products, attention over 197 keys); scale, shift and the
     # rows of y padded to n_panels * width columns; act an index into ACTIVATIONS; residual (rows, out_features), or
     # (0, 0): none. The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over them.
-    # SiLU, GELU and the residual's add are applied to the tile in its registers, which saves the tile a trip through
-    # memory; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue.
+    # SiLU, GELU, QuickGELU and the residual's add are applied to the tile in its registers, which saves the tile a
+    # trip through memory; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue.
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -72,7 +72,7 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
     tile = np.empty(6 * width, y.dtype)  # scratch for _tile_epilogue
-    tile_act = 0 if act in IN_REGISTERS else act  # SiLU, GELU on the tile's registers, gelu_tanh on its memory
+    tile_act = 0 if act in IN_REGISTERS else act  # SiLU, GELU, QuickGELU in the tile's registers, gelu_tanh on memory
     out_features = residual.shape[1]
     residual_flat = residual.reshape(-1)
     for block in range(0, rows, block_rows):
@@ -184,9 +184,9 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
 
 @jit
 def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, residual, i, column):
-    # The activation (gelu_tanh: SiLU and GELU are applied in the tile's registers) and the residual add after it
-    # (or on the cut-short last panel) of gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it
-    # is in the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined
+    # The activation (gelu_tanh: the others are applied in the tile's registers) and the residual add after it (or on
+    # the cut-short last panel) of gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it is in
+    # the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined
     # there, it cost the plain product 6-13%). The activation runs on a contiguous copy of the tile, where its loop
     # vectorises (over a 16-column run of y it would not); then the residual (rows, out_features) is added.
     lanes = width // 2

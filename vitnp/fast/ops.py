@@ -77,6 +77,11 @@ def layer_norm(x, weight, bias, eps):
     return rows.layer_norm(x, weight, bias, eps)
 
 
+# MobileViT v2's GroupNorm: the reference's own Numba loop. Each reads its map three times, a small part of the work
+# next to the 1x1 convs around it, so no kernel of its own.
+group_norm = reference.group_norm
+
+
 def gelu(x, approximate="none"):
     """:func:`vitnp.reference.ops.gelu`, erf by a rational function in float64 for float32 arrays."""
     return rows.gelu(x, approximate)
@@ -110,11 +115,22 @@ def attention_probs(q, k, scale, bias=None, mask=None):
 def scaled_dot_product_attention(q, k, v, scale, bias=None, mask=None):
     """:func:`vitnp.reference.ops.scaled_dot_product_attention`, each (image or window, head) pair on the GEMM's
     micro-kernel, the pairs shared out between threads; q, k and v read out of the qkv Linear's output they are
-    views of."""
+    views of. Queries of another length than the keys (an attention pool's latent queries: a few rows, a tiny part of
+    a model's compute) are the reference's batched matmul, with the BLAS on one thread."""
     check_dtypes("attention", q, k, v, bias)
+    reference.check_attention_shapes(q, k, v)
+    if q.shape != k.shape:  # the kernel reads q, k, v of one shape, (B, N, 3, heads, head_dim)
+        with threads.single_threaded():
+            return reference.scaled_dot_product_attention(q, k, v, scale, bias, mask)
     qkv = _qkv_of(q, k, v)  # (B, N, 3, heads, head_dim)
     out = attention_kernel.attention(qkv, scale, bias, mask)  # (B, N, heads, head_dim)
     return out.transpose(0, 2, 1, 3)  # (B, heads, N, head_dim), a view
+
+
+# The rotary position embedding is the reference's op itself: a few element-wise passes over q and k (4 flops a
+# value, against the 4 * N flops a value of the attention that follows), which NumPy's vector loops run at memory
+# speed; a kernel of its own would save only the temporaries.
+apply_rot_embed_cat = reference.apply_rot_embed_cat
 
 
 def _qkv_of(q, k, v):
@@ -139,6 +155,16 @@ def _qkv_of(q, k, v):
     for index, t in enumerate((q, k, v)):
         qkv[:, :, index] = t.transpose(0, 2, 1, 3)
     return qkv
+
+
+def linear_self_attention(query, key, value):
+    """:func:`vitnp.reference.ops.linear_self_attention` with the engine's softmax: one softmax row and one
+    vector-matrix product per sequence, linear in the tokens, a small part of MobileViT v2's block next to its qkv
+    and output 1x1 convs, so no kernel of its own."""
+    reference.check_linear_self_attention(query, key, value)
+    scores = softmax(query)  # (..., N)
+    context = scores[..., None, :] @ key  # (..., 1, d): the scores' weighted sum of the keys
+    return np.maximum(value, 0) * context  # (..., N, d)
 
 
 # ---- Swin's windows --------------------------------------------------------------------------------------------------
@@ -235,11 +261,14 @@ def transformer_blocks(x, blocks):
 
 def transformer_block_parts(block):
     """:func:`vitnp.fast.fused.transformer_block`'s arguments for a timm pre-norm Block (its norms, its Linears
-    packed), or None for a block with other parameters than that Block's."""
+    packed), or None for a block with other parameters than that Block's, or another MLP under the same names (a
+    SwiGLUPacked's fc2 takes half of fc1's outputs)."""
     names = {name for name, _ in block.named_parameters()}
     if names - {"attn.qkv.bias"} != _BLOCK_PARAMETERS:
         return None
     attn, mlp = block.attn, block.mlp
+    if mlp.fc2.weight.shape[1] != mlp.fc1.weight.shape[0]:
+        return None
     return dict(
         norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps),
         qkv=(packed(attn.qkv.weight), attn.qkv.bias if "attn.qkv.bias" in names else None),

@@ -1,4 +1,4 @@
-"""LayerNorm, GELU, SiLU and softmax over the last axis of any array: Numba kernels over rows.
+"""LayerNorm, GELU, SiLU, QuickGELU and softmax over the last axis of any array: Numba kernels over rows.
 
 Each ``_<op>_rows`` kernel computes the op on a block of rows; its ``_<op>_shared`` twin runs it on the chunks of rows
 this thread takes (:func:`vitnp.fast.schedule.take_chunk`), and :func:`_share_rows` hands that to the threads.
@@ -117,6 +117,12 @@ def gelu(x, approximate="none", out=None):
 def silu(x, out=None):
     """SiLU over any array: ``torch.nn.functional.silu(x)``; ``out`` may be ``x`` itself."""
     return _activation("silu", x, out)
+
+
+def quick_gelu(x, out=None):
+    """QuickGELU over any array: timm's ``x * torch.sigmoid(1.702 * x)``, SiLU's kernel with the scale inside the
+    sigmoid; ``out`` may be ``x`` itself."""
+    return _activation("quick_gelu", x, out)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

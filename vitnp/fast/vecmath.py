@@ -202,6 +202,10 @@ _EXP_MAX = np.float32(89.0)
 _SILU_EXP_MIN = np.float32(-87.0)
 _SILU_EXP_MAX = np.float32(89.0)
 _ROUND_TO_INTEGER = np.float32(1.5 * 2**23)
+# QuickGELU (timm's, OpenAI CLIP's): x * sigmoid(1.702 x), SiLU with this scale inside the sigmoid; float32 kernels
+# multiply by its float32 rounding, as torch's ``1.702 * x`` on a float32 tensor does.
+QUICK_GELU_SCALE = 1.702
+_QUICK_GELU_SCALE_F32 = np.float32(QUICK_GELU_SCALE)
 
 # erf(z) ~ z P(z^2) / Q(z^2) for |z| < 4, coefficients lowest order first: a minimax fit on [0, 4] (Lawson-weighted
 # least squares against mpmath's erf), max |error| 1.5e-9 in float64. For |z| >= 4, 1 - |erf(z)| < 1.6e-8: erf = +-1,
@@ -292,6 +296,19 @@ def _one_for_dtype(dtype):
     if dtype.dtype == numba.types.float32:
         return lambda dtype: np.float32(1.0)
     return lambda dtype: 1.0
+
+
+def quick_gelu_scale(dtype):
+    """QuickGELU's 1.702 in ``dtype`` inside a kernel, as :func:`one_of` gives 1 (its product with a float32 stays in
+    float32)."""
+    return QUICK_GELU_SCALE
+
+
+@overload(quick_gelu_scale)
+def _quick_gelu_scale_for_dtype(dtype):
+    if dtype.dtype == numba.types.float32:
+        return lambda dtype: _QUICK_GELU_SCALE_F32
+    return lambda dtype: QUICK_GELU_SCALE
 
 
 def scalar_erf(z, dtype):
@@ -450,10 +467,12 @@ def copy_leading_columns(source, destination):
 # into ACTIVATIONS, where the values are still in the L1 cache or in registers.
 # ---------------------------------------------------------------------------------------------------------------------
 
-ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "quick_gelu")
 _SILU = ACTIVATIONS.index("silu")
 _GELU = ACTIVATIONS.index("gelu")
-IN_REGISTERS = (_SILU, _GELU)  # the activations the GEMM and the depthwise conv apply in registers (vactivate)
+_QUICK_GELU = ACTIVATIONS.index("quick_gelu")
+# the activations the GEMM and the depthwise conv apply in registers (vactivate)
+IN_REGISTERS = (_SILU, _GELU, _QUICK_GELU)
 # Ints the kernels pass one another, as int64s: Numba compiles a jitted function once more for each literal argument a
 # jitted caller passes it (``f(x, 0)`` is typed Literal[int](0)), and the GEMM would be compiled up to four times.
 NO_ACTIVATION = np.int64(ACTIVATIONS.index("none"))
@@ -474,6 +493,7 @@ def activate(y, act):
     #   silu: v * sigmoid(v) = v / (1 + exp(-v)) (exp(-v) = inf for very negative v gives -0, the right limit)
     #   gelu: v * Phi(v) = 0.5 * v * (1 + erf(v / sqrt(2)))
     #   gelu_tanh: 0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 v^3))), torch's approximate='tanh'
+    #   quick_gelu: v * sigmoid(1.702 v) = v / (1 + exp(-(1.702 v))), SiLU's loop with the scale inside the sigmoid
     if act == 1:
         for c in range(y.size):
             v = y[c]
@@ -486,6 +506,11 @@ def activate(y, act):
         for c in range(y.size):
             v = y[c]
             y[c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+    elif act == _QUICK_GELU:
+        scale = quick_gelu_scale(y.dtype)
+        for c in range(y.size):
+            v = y[c]
+            y[c] = v / (one_of(y.dtype) + exp_for_silu(-(scale * v), y.dtype))
 
 
 class _LaneMath:
@@ -523,34 +548,52 @@ class _LaneMath:
 # its registers equals the tile activated in memory bit for bit (tested), without the tile's trip through memory.
 
 
+def _sigmoid_gated_lanes(builder, value, dtype, scale=None):
+    # v / (1 + exp(-(scale * v))) on a vector of lanes (SiLU without ``scale``, QuickGELU with 1.702): for float32
+    # exp_for_silu_float32's clamp, rounding, Horner polynomial and 2^n scaling, for float64 LLVM's exp (libm's, lane
+    # by lane, as ``math.exp``); the steps of activate's loops in their order.
+    lane = _LaneMath(builder, value.type)
+    x = builder.fneg(value if scale is None else builder.fmul(lane.splat(scale), value))
+    if dtype == numba.types.float64:
+        exp = lane.call("exp", x)
+    else:  # exp_for_silu_float32, step by step
+        x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_SILU_EXP_MIN)), x, lane.splat(_SILU_EXP_MIN))
+        x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_SILU_EXP_MAX)), x, lane.splat(_SILU_EXP_MAX))
+        rounding = lane.splat(_ROUND_TO_INTEGER)
+        n = builder.fsub(lane.call("fma", x, lane.splat(_LOG2E_F32), rounding), rounding)
+        r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_HI), x)
+        r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_LO), r)
+        exp_r = lane.splat(_INV_FACT[7])
+        for k in range(6, -1, -1):  # Horner, fused
+            exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
+        int_type = llvmlite.ir.VectorType(I32, lane.lanes)
+        exponent = builder.add(builder.fptosi(n, int_type), lane.splat(127, int_type))
+        power_of_two = builder.bitcast(builder.shl(exponent, lane.splat(23, int_type)), value.type)  # 2^n
+        exp = builder.fmul(exp_r, power_of_two)
+    return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
+
+
 @intrinsic
 def vsilu(typingctx, v):
-    """SiLU lane by lane, v / (1 + exp(-v)): for float32 ``exp_for_silu_float32``'s clamp, rounding, Horner
-    polynomial and 2^n scaling, for float64 LLVM's exp (libm's, lane by lane, as ``math.exp``)."""
+    """SiLU lane by lane, v / (1 + exp(-v)) (:func:`_sigmoid_gated_lanes`)."""
     if not isinstance(v, Vector):
         return None
 
     def codegen(context, builder, signature, args):
-        (value,) = args
-        lane = _LaneMath(builder, value.type)
-        x = builder.fneg(value)
-        if v.dtype == numba.types.float64:
-            exp = lane.call("exp", x)
-        else:  # exp_for_silu_float32, step by step
-            x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_SILU_EXP_MIN)), x, lane.splat(_SILU_EXP_MIN))
-            x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_SILU_EXP_MAX)), x, lane.splat(_SILU_EXP_MAX))
-            rounding = lane.splat(_ROUND_TO_INTEGER)
-            n = builder.fsub(lane.call("fma", x, lane.splat(_LOG2E_F32), rounding), rounding)
-            r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_HI), x)
-            r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_LO), r)
-            exp_r = lane.splat(_INV_FACT[7])
-            for k in range(6, -1, -1):  # Horner, fused
-                exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
-            int_type = llvmlite.ir.VectorType(I32, lane.lanes)
-            exponent = builder.add(builder.fptosi(n, int_type), lane.splat(127, int_type))
-            power_of_two = builder.bitcast(builder.shl(exponent, lane.splat(23, int_type)), value.type)  # 2^n
-            exp = builder.fmul(exp_r, power_of_two)
-        return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
+        return _sigmoid_gated_lanes(builder, args[0], v.dtype)
+
+    return v(v), codegen
+
+
+@intrinsic
+def vquick_gelu(typingctx, v):
+    """QuickGELU lane by lane, v / (1 + exp(-(1.702 v))) (:func:`_sigmoid_gated_lanes`, 1.702 in the lanes' dtype)."""
+    if not isinstance(v, Vector):
+        return None
+    scale = _QUICK_GELU_SCALE_F32 if v.dtype == numba.types.float32 else QUICK_GELU_SCALE
+
+    def codegen(context, builder, signature, args):
+        return _sigmoid_gated_lanes(builder, args[0], v.dtype, scale)
 
     return v(v), codegen
 
@@ -593,4 +636,6 @@ def vactivate(v, act):
         return vsilu(v)
     if act == _GELU:
         return vgelu(v)
+    if act == _QUICK_GELU:
+        return vquick_gelu(v)
     return v

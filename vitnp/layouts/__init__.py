@@ -14,13 +14,13 @@ dicts, ``module.`` and ``backbone.`` prefixes; the DINO projection head is dropp
 LayerNorm eps, ...) merged with those of a Hugging Face ``config.json`` or of an exported ``.npz``.
 
 The common part is :mod:`vitnp.layouts.core`; each family's layouts are a module of their own here (``vit``,
-``swin``, ``swinv2``, ``mobilevit``, ``notes``). To add a layout: write its convert function and
+``dinov2``, ``clip``, ``swin``, ``swinv2``, ``mobilevit``, ``notes``). To add a layout: write its convert function and
 ``register(Layout(...))`` it in the module of its family. Layouts are tried in registration order (the modules' order
 below, then their order inside a module); the first whose sentinel keys are all present wins.
 """
 
 # Importing a family's module registers its layouts, in this order: the order detection tries them in.
-from . import vit, swin, mobilevit, notes, swinv2  # noqa: F401, I001
+from . import eva, vit, dinov2, clip, swin, mobilevit, mobilevitv2, notes, swinv2  # noqa: F401, I001
 from .core import (
     CLASSIFIER_KEYS,
     LAYOUTS,

@@ -39,11 +39,15 @@ class Layout:
 LAYOUTS = []
 
 
-def register(layout):
-    """Add a layout to the detection order (after the ones registered before it)."""
+def register(layout, before=None):
+    """Add a layout to the detection order: after the ones registered before it, or just before the layout named
+    ``before`` (for a layout whose sentinels are a superset of an earlier layout's, e.g. Swin V2's under Swin's)."""
     if any(known.name == layout.name for known in LAYOUTS):
         raise ValueError(f"layout {layout.name!r} is registered twice")
-    LAYOUTS.append(layout)
+    if before is None:
+        LAYOUTS.append(layout)
+    else:
+        LAYOUTS.insert(LAYOUTS.index(_layout_named(before)), layout)
     return layout
 
 
@@ -156,7 +160,8 @@ def from_raw(state_dict, hf_config=None, saved_config=None, source=None):
     layout = find_layout(state_dict)
     converted = layout.convert(state_dict)
     config = layout.config(converted) if layout.config else {}
-    if any("'teacher'" in note or "'student'" in note or "'backbone.'" in note for note in notes):
+    dino_training = any("'teacher'" in note or "'student'" in note or "'backbone.'" in note for note in notes)
+    if dino_training and "pos_embed_resample" not in config:  # a DINOv2 layout names its own resampler
         config["pos_embed_resample"] = "dino"  # a DINO training checkpoint: DINO's +0.1 resampler at other sizes
     labels = None
     try:
@@ -264,7 +269,8 @@ def strip_prefix(state_dict, prefixes):
 
 # family name -> function(converted state_dict) -> {constructor argument: value} recoverable from the weights
 SIGNATURES = {}
-# family name -> function(config.json dict) -> {constructor argument: value}
+# family name, or layout name for a layout with a config.json of its own -> function(config.json dict) ->
+# {constructor argument: value}
 HF_CONFIG_READERS = {}
 
 
@@ -308,17 +314,21 @@ def without_classifier(state_dict, family_name):
 
 
 def same_size(a, b):
-    """Whether two architecture values are equal, an int size being the same as the (int, int) pair of it."""
+    """Whether two architecture values are equal, an int size being the same as the (int, int) pair of it, and two
+    ratios (floats) within 1e-4 of each other: registries write an MLP ratio to a few digits (timm's DINOv2 giant
+    5.33334, SigLIP so400m 3.7362), the weights give the exact quotient (8192 / 1536, 4304 / 1152)."""
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         a = (a, a) if isinstance(a, int) else a
         b = (b, b) if isinstance(b, int) else b
         return tuple(a) == tuple(b)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-4)
     return a == b
 
 
 def hf_config_arguments(layout, hf_config):
     """Constructor arguments from a Hugging Face ``config.json``: the facts the weights cannot give."""
-    read = HF_CONFIG_READERS.get(layout.family)
+    read = HF_CONFIG_READERS.get(layout.name, HF_CONFIG_READERS.get(layout.family))
     if read is None or not layout.name.startswith("hf-"):
         return {}
     return read(hf_config)
@@ -335,7 +345,7 @@ def hf_labels(hf_config, num_classes):
 
 
 def hf_activation(name):
-    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
     if not isinstance(name, str) or name not in acts:
         raise LayoutError(f"config.json hidden_act {name!r} is not supported; vitnp has {', '.join(acts)}")
     return acts[name]

@@ -49,6 +49,35 @@ SIGNATURES[_MOBILEVIT] = _mobilevit_signature
 HF_CONFIG_READERS[_MOBILEVIT] = _mobilevit_hf_config
 
 
+# Hugging Face's prefixes (MobileViT v1 and v2 alike): stage s, and layer j of the transformer of its MobileViT block
+HF_LAYER = r"encoder\.layer\.(\d+)\."
+HF_TRANSFORMER = HF_LAYER + r"transformer\.layer\.(\d+)\."
+_HF_MV2 = {"expand_1x1": "conv1_1x1", "conv_3x3": "conv2_kxk", "reduce_1x1": "conv3_1x1"}
+
+# The renames both MobileViT versions' Hugging Face layouts share: stem, MV2 blocks, a MobileViT block's local convs,
+# final norm and projection, the classifier
+HF_SHARED_RULES = [
+    (r"conv_stem\.(.+)", r"stem.\1"),
+    (HF_LAYER + r"layer\.(\d+)\.(expand_1x1|conv_3x3|reduce_1x1)\.(.+)",
+     lambda m: f"stages.{m[1]}.{m[2]}.{_HF_MV2[m[3]]}.{m[4]}"),
+    (HF_LAYER + r"downsampling_layer\.(expand_1x1|conv_3x3|reduce_1x1)\.(.+)",
+     lambda m: f"stages.{m[1]}.0.{_HF_MV2[m[2]]}.{m[3]}"),
+    (HF_LAYER + r"conv_kxk\.(.+)", r"stages.\1.1.conv_kxk.\2"),
+    (HF_LAYER + r"conv_1x1\.convolution\.weight", r"stages.\1.1.conv_1x1.weight"),
+    (HF_LAYER + r"layernorm\.(weight|bias)", r"stages.\1.1.norm.\2"),
+    (HF_LAYER + r"conv_projection\.(.+)", r"stages.\1.1.conv_proj.\2"),
+    (r"classifier\.(weight|bias)", r"head.fc.\1"),
+]
+
+
+def hf_conv_names(state_dict):
+    """Hugging Face's ``convolution`` / ``normalization`` of a conv layer as timm's ``conv`` / ``bn``."""
+    return rename(state_dict, [
+        (r"(.+)\.convolution\.weight", r"\1.conv.weight"),
+        (r"(.+)\.normalization\.(.+)", r"\1.bn.\2"),
+    ])
+
+
 def _hf_mobilevit(state_dict):
     """Hugging Face MobileViTForImageClassification / MobileViTModel (5.x names are the Hub names).
 
@@ -57,17 +86,9 @@ def _hf_mobilevit(state_dict):
     timm's ``conv`` / ``bn``; query / key / value are fused into qkv.
     """
     state_dict = strip_prefix(state_dict, ("mobilevit.",))
-    layer = r"encoder\.layer\.(\d+)\."
-    transformer = layer + r"transformer\.layer\.(\d+)\."
-    mv2 = {"expand_1x1": "conv1_1x1", "conv_3x3": "conv2_kxk", "reduce_1x1": "conv3_1x1"}
+    layer, transformer = HF_LAYER, HF_TRANSFORMER
     state_dict = rename(state_dict, [
-        (r"conv_stem\.(.+)", r"stem.\1"),
-        (layer + r"layer\.(\d+)\.(expand_1x1|conv_3x3|reduce_1x1)\.(.+)",
-         lambda m: f"stages.{m[1]}.{m[2]}.{mv2[m[3]]}.{m[4]}"),
-        (layer + r"downsampling_layer\.(expand_1x1|conv_3x3|reduce_1x1)\.(.+)",
-         lambda m: f"stages.{m[1]}.0.{mv2[m[2]]}.{m[3]}"),
-        (layer + r"conv_kxk\.(.+)", r"stages.\1.1.conv_kxk.\2"),
-        (layer + r"conv_1x1\.convolution\.weight", r"stages.\1.1.conv_1x1.weight"),
+        *HF_SHARED_RULES,
         (transformer + r"layernorm_before\.(weight|bias)", r"stages.\1.1.transformer.\2.norm1.\3"),
         (transformer + r"layernorm_after\.(weight|bias)", r"stages.\1.1.transformer.\2.norm2.\3"),
         (transformer + r"attention\.attention\.(q)uery\.(weight|bias)", r"stages.\1.1.transformer.\2.attn.\3.\4"),
@@ -76,17 +97,10 @@ def _hf_mobilevit(state_dict):
         (transformer + r"attention\.output\.dense\.(weight|bias)", r"stages.\1.1.transformer.\2.attn.proj.\3"),
         (transformer + r"intermediate\.dense\.(weight|bias)", r"stages.\1.1.transformer.\2.mlp.fc1.\3"),
         (transformer + r"output\.dense\.(weight|bias)", r"stages.\1.1.transformer.\2.mlp.fc2.\3"),
-        (layer + r"layernorm\.(weight|bias)", r"stages.\1.1.norm.\2"),
-        (layer + r"conv_projection\.(.+)", r"stages.\1.1.conv_proj.\2"),
         (layer + r"fusion\.(.+)", r"stages.\1.1.conv_fusion.\2"),
         (r"conv_1x1_exp\.(.+)", r"final_conv.\1"),
-        (r"classifier\.(weight|bias)", r"head.fc.\1"),
     ])
-    state_dict = rename(state_dict, [
-        (r"(.+)\.convolution\.weight", r"\1.conv.weight"),
-        (r"(.+)\.normalization\.(.+)", r"\1.bn.\2"),
-    ])
-    return fuse_qkv(state_dict)
+    return fuse_qkv(hf_conv_names(state_dict))
 
 
 register(Layout(
@@ -102,7 +116,9 @@ register(Layout(
     name="hf-mobilevit",
     description="Hugging Face MobileViTForImageClassification / MobileViTModel",
     family=_MOBILEVIT,
-    sentinels=(("mobilevit.conv_stem.convolution.weight",), ("conv_stem.convolution.weight",)),
+    sentinels=(("mobilevit.conv_stem.convolution.weight",),  # MobileViTModel: v1's attention, not v2's qkv_proj
+               ("conv_stem.convolution.weight",
+                "encoder.layer.2.transformer.layer.0.attention.attention.query.weight")),
     convert=_hf_mobilevit,
     config=_mobilevit_config,
 ))

@@ -129,28 +129,37 @@ def _torchvision_swin(state_dict):
     ], drop=_SWIN_BUFFERS)
 
 
+# Hugging Face Swin and Swinv2 keys: "encoder.layers.{s}.blocks.{b}." + the block's own names -> timm's
+HF_BLOCK, HF_TO_BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.", r"layers.\1.blocks.\2."
+
+# the names Hugging Face Swin (4.x / Hub and 5.x) and Swinv2 share: embeddings, block norms, attention output, MLP,
+# merging at the end of a stage, final norm, classifier
+HF_SWIN_SHARED_RULES = [
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"embeddings\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
+    (HF_BLOCK + r"layernorm_before\.(weight|bias)", HF_TO_BLOCK + r"norm1.\3"),
+    (HF_BLOCK + r"layernorm_after\.(weight|bias)", HF_TO_BLOCK + r"norm2.\3"),
+    (HF_BLOCK + r"attention\.(?:o_proj|output\.dense)\.(weight|bias)", HF_TO_BLOCK + r"attn.proj.\3"),
+    (HF_BLOCK + r"(?:mlp\.fc1|intermediate\.dense)\.(weight|bias)", HF_TO_BLOCK + r"mlp.fc1.\3"),
+    (HF_BLOCK + r"(?:mlp\.fc2|output\.dense)\.(weight|bias)", HF_TO_BLOCK + r"mlp.fc2.\3"),
+    (r"encoder\.layers\.(\d+)\.downsample\.(.+)", _merging_to_next_stage),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.fc.\1"),
+]
+
+
 def _hf_swin(state_dict):
     """Hugging Face SwinModel / SwinForImageClassification, 5.x and 4.x / Hub names; q, k, v fused into qkv."""
     state_dict = strip_prefix(state_dict, ("swin.",))
-    block = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-    to = r"layers.\1.blocks.\2."
+    block, to = HF_BLOCK, HF_TO_BLOCK
     state_dict = rename(state_dict, [
-        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-        (r"embeddings\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
-        (block + r"layernorm_before\.(weight|bias)", to + r"norm1.\3"),
-        (block + r"layernorm_after\.(weight|bias)", to + r"norm2.\3"),
         (block + r"attention\.(q|k|v)_proj\.(weight|bias)", to + r"attn.\3.\4"),
         (block + r"attention\.self\.(q)uery\.(weight|bias)", to + r"attn.\3.\4"),
         (block + r"attention\.self\.(k)ey\.(weight|bias)", to + r"attn.\3.\4"),
         (block + r"attention\.self\.(v)alue\.(weight|bias)", to + r"attn.\3.\4"),
         (block + r"attention\.(?:relative_position_bias|self)\.relative_position_bias_table",
          to + "attn.relative_position_bias_table"),
-        (block + r"attention\.(?:o_proj|output\.dense)\.(weight|bias)", to + r"attn.proj.\3"),
-        (block + r"(?:mlp\.fc1|intermediate\.dense)\.(weight|bias)", to + r"mlp.fc1.\3"),
-        (block + r"(?:mlp\.fc2|output\.dense)\.(weight|bias)", to + r"mlp.fc2.\3"),
-        (r"encoder\.layers\.(\d+)\.downsample\.(.+)", _merging_to_next_stage),
-        (r"layernorm\.(weight|bias)", r"norm.\1"),
-        (r"classifier\.(weight|bias)", r"head.fc.\1"),
+        *HF_SWIN_SHARED_RULES,
     ], drop=_SWIN_BUFFERS)
     return fuse_qkv(state_dict)
 

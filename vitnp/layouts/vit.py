@@ -1,5 +1,7 @@
 """ViT family layouts (vitnp.vit.VisionTransformer): timm, DINO, torchvision, Hugging Face ViT / DeiT."""
 
+import math
+
 from .core import (
     HF_CONFIG_READERS,
     SIGNATURES,
@@ -9,6 +11,7 @@ from .core import (
     Layout,
     register,
     rename,
+    square_img_size,
     strip_prefix,
 )
 
@@ -16,25 +19,102 @@ _VIT = "VisionTransformer"
 
 
 def _vit_config(state_dict):
-    """Head size and representation layer fixed by timm-named ViT weights."""
+    """What timm-named ViT weights fix: head size, representation layer, and the parts only some ViTs have
+    (registers, norm_pre, LayerScale, qk_norm, MAP head, SwiGLU MLP) when the weights have them."""
     config = {"num_classes": int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0}
     if "pre_logits.fc.weight" in state_dict:
         config["representation_size"] = int(state_dict["pre_logits.fc.weight"].shape[0])
+    parts = _vit_parts(state_dict)
+    # Not no_embed_class: a position embedding's length can read both ways (25 = 5 x 5 patches, or a class token and
+    # 6 x 4), so the registered name (DeiT III's, DINOv2's) or the layout that knows its source says it.
+    del parts["no_embed_class"]
+    config.update({key: value for key, value in parts.items() if value not in (0, False, "mlp")})
+    if "blocks.0.ls1.gamma" in state_dict:
+        config["init_values"] = 1e-5  # LayerScale present; the value is only the init, the weights replace it
+    if "attn_pool.latent" in state_dict:
+        config["global_pool"] = "map"
     return config
 
 
+def _vit_parts(state_dict):
+    """The ViT parts timm-named weights show: reg_tokens, no_embed_class, pre_norm, qk_norm, mlp_layer."""
+    parts = dict(
+        reg_tokens=int(state_dict["reg_token"].shape[1]) if "reg_token" in state_dict else 0,
+        no_embed_class=_no_embed_class(state_dict),
+        pre_norm="norm_pre.weight" in state_dict,
+        qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+        mlp_layer="mlp",
+    )
+    fc1, fc2 = state_dict.get("blocks.0.mlp.fc1.weight"), state_dict.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+        parts["mlp_layer"] = "swiglu_packed"  # fc1 gives gate | value, fc2 reads half of it (timm SwiGLUPacked)
+    return parts
+
+
+def _sizes_config(state_dict, num_prefix):
+    """The sizes weights fix beyond the name's embed_dim and depth, of the tensors present: patch_size, img_size (the
+    square grid of ``pos_embed`` less its ``num_prefix`` prefix positions) and mlp_ratio."""
+    config = {}
+    if "patch_embed.proj.weight" in state_dict:
+        config["patch_size"] = int(state_dict["patch_embed.proj.weight"].shape[-1])
+        if "pos_embed" in state_dict:
+            num_patches = int(state_dict["pos_embed"].shape[1]) - num_prefix
+            config["img_size"] = square_img_size(num_patches, config["patch_size"])
+    if "blocks.0.mlp.fc1.weight" in state_dict:
+        config["mlp_ratio"] = _mlp_ratio(state_dict)
+    return config
+
+
+def _mlp_ratio(state_dict):
+    """fc1's width over embed_dim (:func:`_ratio`)."""
+    return _ratio(*state_dict["blocks.0.mlp.fc1.weight"].shape)
+
+
+def _ratio(hidden, dim):
+    """hidden / dim as the float whose ``int(dim * ratio)`` gives back ``hidden`` (vitnp and timm size the MLP's
+    hidden layer that way: the plain quotient can land one below, 100 / 24 * 24 = 99.99...)."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _num_prefix_tokens(state_dict):
+    return sum(int(state_dict[key].shape[1]) for key in ("cls_token", "dist_token", "reg_token") if key in state_dict)
+
+
+def _no_embed_class(state_dict):
+    """Whether pos_embed leaves the prefix tokens out (timm ``no_embed_class``): its length is a square grid, and the
+    length less the prefix tokens is not (k^2 + 1 is never a square). When both are (3 x 3 patches or 2 x 2 and five
+    prefix tokens), register tokens tell: timm's ViTs with registers leave them out. A non-square grid reads as
+    timm's default."""
+    prefix = _num_prefix_tokens(state_dict)
+    if "pos_embed" not in state_dict or not prefix:
+        return False
+    length = int(state_dict["pos_embed"].shape[1])
+    if _is_square(length) and _is_square(length - prefix):
+        return "reg_token" in state_dict
+    return _is_square(length)
+
+
+def _is_square(n):
+    return n > 0 and int(round(n**0.5)) ** 2 == n
+
+
 def _vit_signature(state_dict):
-    """embed_dim, depth, patch size, image size (square grid), mlp_ratio, distilled, from timm-named ViT weights."""
+    """embed_dim, depth, patch size, image size (square grid), mlp_ratio, distilled, class token and the parts of
+    :func:`_vit_parts`, from timm-named ViT weights."""
     if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
         return {}
     proj = state_dict["patch_embed.proj.weight"]
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     distilled = "dist_token" in state_dict
-    prefix = int("cls_token" in state_dict) + int(distilled)
+    parts = _vit_parts(state_dict)
+    prefix = 0 if parts["no_embed_class"] else _num_prefix_tokens(state_dict)
     grid = int(round((state_dict["pos_embed"].shape[1] - prefix) ** 0.5))
     sig = dict(embed_dim=embed_dim, in_chans=int(proj.shape[1]), patch_size=patch,
                depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
-               img_size=grid * patch, distilled=distilled)
+               img_size=grid * patch, distilled=distilled, class_token="cls_token" in state_dict, **parts)
     if "blocks.0.mlp.fc1.weight" in state_dict:
         sig["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     return sig
@@ -50,7 +130,7 @@ def _vit_hf_config(hf):
         embed_dim=hidden,
         depth=hf_field(hf, "num_hidden_layers", 12),
         num_heads=hf_field(hf, "num_attention_heads", 12),
-        mlp_ratio=hf_field(hf, "intermediate_size", 4 * hidden) / hidden,
+        mlp_ratio=_ratio(hf_field(hf, "intermediate_size", 4 * hidden), hidden),
         qkv_bias=hf_field(hf, "qkv_bias", True, bool),
         norm_eps=hf_field(hf, "layer_norm_eps", 1e-12, float),
         act=hf_activation(hf.get("hidden_act", "gelu")),

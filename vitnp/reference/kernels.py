@@ -1,5 +1,5 @@
-"""The reference's Numba kernels: LayerNorm, GELU, SiLU, softmax, and Swin's cyclic roll and window partition /
-reverse, each written as its formula in plain loops.
+"""The reference's Numba kernels: LayerNorm, GroupNorm (one group), GELU, SiLU, QuickGELU, softmax, and Swin's cyclic
+roll and window partition / reverse, each written as its formula in plain loops.
 
 Every value is computed in float64 and rounded once to the array's dtype, so a float32 result is the formula's value
 to within float32's last bit and a float64 one to within float64's. No vector intrinsics, no packing, no threads;
@@ -49,6 +49,40 @@ def layer_norm(x, weight, bias, eps):
     return out.reshape(x.shape)
 
 
+# ---- GroupNorm with one group (MobileViT v2) -------------------------------------------------------------------------
+
+
+@kernel
+def _group_norm_samples(x, weight, bias, eps, out):
+    samples, positions, C = x.shape
+    count = positions * C
+    for b in range(samples):
+        mean = 0.0
+        for i in range(positions):
+            for c in range(C):
+                mean += x[b, i, c]
+        mean /= count
+        var = 0.0
+        for i in range(positions):
+            for c in range(C):
+                var += (x[b, i, c] - mean) ** 2
+        var /= count  # biased, as torch
+        for i in range(positions):
+            for c in range(C):
+                out[b, i, c] = (x[b, i, c] - mean) / math.sqrt(var + eps) * weight[c] + bias[c]
+
+
+def group_norm(x, weight, bias, eps):
+    """GroupNorm with one group (timm ``GroupNorm1``) of channels-last samples x (B, ..., C): y = (x - mean) /
+    sqrt(var + eps) * weight[c] + bias[c], with the mean and the biased variance of all the values of a sample (every
+    position and channel), the affine per channel. ``torch.nn.functional.group_norm(x, 1, weight, bias, eps)`` on
+    the channels-first (B, C, ...) array."""
+    samples = np.ascontiguousarray(x).reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # (B, positions, C)
+    out = np.empty_like(samples)
+    _group_norm_samples(samples, weight, bias, eps, out)
+    return out.reshape(x.shape)
+
+
 # ---- activations -----------------------------------------------------------------------------------------------------
 
 
@@ -73,6 +107,13 @@ def _silu(x, out):
         out[i] = v / (1.0 + math.exp(-v))  # exp(-v) = inf for v < -709 gives -0, the limit
 
 
+@kernel
+def _quick_gelu(x, out):
+    for i in range(x.size):
+        v = np.float64(x[i])
+        out[i] = v / (1.0 + math.exp(-1.702 * v))  # exp(-1.702 v) = inf for v < -417 gives -0, the limit
+
+
 def _elementwise(kernel_function, x):
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(flat)
@@ -91,6 +132,12 @@ def gelu(x, approximate="none"):
 def silu(x):
     """``torch.nn.functional.silu(x)``: x * sigmoid(x) = x / (1 + exp(-x))."""
     return _elementwise(_silu, x)
+
+
+def quick_gelu(x):
+    """timm ``QuickGELU`` (OpenAI CLIP's activation), ``x * torch.sigmoid(1.702 * x)`` = x / (1 + exp(-1.702 x)):
+    GELU's sigmoid approximation, SiLU with its input scaled by 1.702 inside the sigmoid."""
+    return _elementwise(_quick_gelu, x)
 
 
 # ---- softmax ---------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The reference backend's ops: each the formula of the torch call it equals, written to be read.
 
 Patches by NumPy stride tricks, Linear as ``x @ W.T + b``, attention as batched matmul over (B, heads, N, head_dim),
-convolutions as im2col + matmul; LayerNorm, GELU, SiLU, softmax and Swin's window partition / reverse and cyclic roll
-are the Numba kernels of :mod:`vitnp.reference.kernels`. Model files call these through their backend (``self.ops``),
-so that the same forward runs here or on the engine (:mod:`vitnp.fast.ops`, which has the same names, arguments and
-results and is tested against these op by op).
+convolutions as im2col + matmul; LayerNorm, GELU, SiLU, QuickGELU, softmax and Swin's window partition / reverse and
+cyclic roll are the Numba kernels of :mod:`vitnp.reference.kernels`. Model files call these through their backend
+(``self.ops``), so that the same forward runs here or on the engine (:mod:`vitnp.fast.ops`, which has the same names,
+arguments and results and is tested against these op by op).
 
 An op's arrays share one dtype, float32 or float64, which its result keeps. The optional ``act`` and ``residual``
 arguments of the products are the steps that follow them in the seeds' forwards (``fc1`` then GELU, a block's last
@@ -14,20 +14,23 @@ Linear then its residual add): y = act(product) + residual.
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .kernels import gelu, layer_norm, roll, silu, softmax, window_partition, window_reverse
+from .kernels import gelu, group_norm, layer_norm, quick_gelu, roll, silu, softmax, window_partition, window_reverse
 from .resample import bilinear_matrix
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "quick_gelu")
 
 __all__ = [
-    "ACTIVATIONS", "attention_probs", "conv2d", "gelu", "inverted_residual", "layer_norm", "linear", "map_batch",
+    "ACTIVATIONS", "apply_rot_embed_cat",
+    "attention_probs", "conv2d", "gelu", "group_norm", "inverted_residual", "layer_norm", "linear",
+    "linear_self_attention", "map_batch",
     "patch_embed", "patchify", "resize_bilinear", "roll", "scaled_dot_product_attention", "silu", "softmax", "tanh",
     "transformer_blocks", "window_partition", "window_reverse",
 ]
 
 
 def activation(x, act):
-    """``act`` of :data:`ACTIVATIONS` applied to x: 'none' (x itself), 'gelu', 'gelu_tanh' (its tanh form), 'silu'."""
+    """``act`` of :data:`ACTIVATIONS` applied to x: 'none' (x itself), 'gelu', 'gelu_tanh' (its tanh form), 'silu',
+    'quick_gelu' (x * sigmoid(1.702 x), timm ``QuickGELU``)."""
     if act == "none":
         return x
     if act == "gelu":
@@ -36,6 +39,8 @@ def activation(x, act):
         return gelu(x, approximate="tanh")
     if act == "silu":
         return silu(x)
+    if act == "quick_gelu":
+        return quick_gelu(x)
     raise ValueError(f"unknown activation {act!r}: expected one of {ACTIVATIONS}")
 
 
@@ -127,9 +132,70 @@ def attention_probs(q, k, scale, bias=None, mask=None):
 def scaled_dot_product_attention(q, k, v, scale, bias=None, mask=None):
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias (+ mask), scale=scale)``: softmax((q * scale) @ k^T
     + bias + mask) @ v for q, k, v (B, heads, N, head_dim), as (B, heads, N, head_dim); ``bias`` and ``mask`` as
-    :func:`attention_probs` takes them."""
+    :func:`attention_probs` takes them. The queries may be fewer or more than the keys (an attention pool's latent
+    queries, q (B, heads, Nq, head_dim) over k and v (B, heads, N, head_dim)): the result is then (B, heads, Nq,
+    head_dim), and a ``bias`` (heads, Nq, N)."""
     check_dtypes("attention", q, v)
-    return attention_probs(q, k, scale, bias, mask) @ v  # (B, heads, N, head_dim)
+    check_attention_shapes(q, k, v)
+    return attention_probs(q, k, scale, bias, mask) @ v  # (B, heads, Nq, head_dim)
+
+
+def check_attention_shapes(q, k, v):
+    """A ValueError unless q (B, heads, Nq, head_dim), k and v (B, heads, N, head_dim) fit one another."""
+    shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
+    if not q.ndim == k.ndim == v.ndim == 4:
+        raise ValueError(f"attention: expected q, k, v of shape (B, heads, N, head_dim), got {shapes}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q (B, heads, Nq, head_dim) and k, v (B, heads, N, head_dim) must agree in B, "
+                         f"heads and head_dim, and k with v in N; got {shapes}")
+
+
+def apply_rot_embed_cat(x, emb, half=False):
+    """timm ``apply_rot_embed_cat(x, emb, half)``: the rotary position embedding of x (..., N, D) by the table emb
+    (N, 2D) = [sin | cos] of its N positions: ``x * cos + rot(x) * sin``.
+
+    rot(x) turns each pair of channels by 90 degrees: with ``half=False`` the pairs are neighbours, (x0, x1), (x2, x3),
+    ... -> (-x1, x0, -x3, x2, ...) (timm ``rot``, the table's sin / cos interleaved: s0, s0, s1, s1, ...); with
+    ``half=True`` channel i pairs with i + D/2, x -> (-x[D/2:], x[:D/2]) (timm ``rope_rotate_half``, the table
+    s0, s1, ..., s0, s1, ...). Each product and the sum rounded in x's dtype, as torch's.
+    """
+    check_dtypes("apply_rot_embed_cat", x, emb)
+    D = x.shape[-1]
+    if D % 2 or emb.shape != (x.shape[-2], 2 * D):
+        raise ValueError(f"apply_rot_embed_cat: a table of shape {emb.shape} does not fit x of shape {x.shape}: "
+                         "expected (positions, 2 * channels), channels even")
+    sin, cos = emb[:, :D], emb[:, D:]  # each (N, D)
+    if half:
+        rotated = np.concatenate([-x[..., D // 2 :], x[..., : D // 2]], axis=-1)
+    else:
+        pairs = x.reshape(*x.shape[:-1], D // 2, 2)  # (..., N, D/2, 2)
+        rotated = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
+def check_linear_self_attention(query, key, value):
+    """A ValueError unless query (..., N), key and value (..., N, d) fit together, in one dtype."""
+    check_dtypes("linear_self_attention", query, key, value)
+    if key.shape != value.shape or key.shape[:-1] != query.shape:
+        raise ValueError(f"linear_self_attention: query {query.shape} must be key's and value's shape without the "
+                         f"last axis; got key {key.shape}, value {value.shape}")
+
+
+def linear_self_attention(query, key, value):
+    """MobileViT v2's separable self-attention between its two projections (timm ``LinearSelfAttention``), over
+    sequences of N tokens that are independent of each other: the context scores are softmax(query) over a
+    sequence's tokens, the context vector the keys' sum weighted by them, and each token's output its relu(value)
+    times the context vector, channel by channel. query (..., N), key and value (..., N, d) -> (..., N, d):
+
+    out[..., n, c] = relu(value[..., n, c]) * sum_m softmax(query)[..., m] * key[..., m, c]
+
+    torch, in timm's (B, d, P, N) layout (a sequence is one pixel position of every patch): ``scores =
+    F.softmax(query, dim=-1); context = (key * scores).sum(dim=-1, keepdim=True); F.relu(value) * context``.
+    """
+    check_linear_self_attention(query, key, value)
+    scores = softmax(query)  # (..., N)
+    context = scores[..., None, :] @ key  # (..., 1, d): the scores' weighted sum of the keys
+    return np.maximum(value, 0) * context  # (..., N, d)
 
 
 # ---- convolution on NHWC maps (B, H, W, C) (MobileViT) ---------------------------------------------------------------
@@ -195,13 +261,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1, scale=None, act=
     return y if residual is None else y + residual
 
 
-def resize_bilinear(x, size):
-    """``F.interpolate(x, size=size, mode='bilinear', align_corners=False)`` of an NHWC map (B, H, W, C), separably:
-    out[b, :, :, c] = M_h @ x[b, :, :, c] @ M_w^T with the 1-D weights of :func:`vitnp.reference.resample.
-    bilinear_matrix`."""
+def resize_bilinear(x, size, align_corners=False):
+    """``F.interpolate(x, size=size, mode='bilinear', align_corners=align_corners)`` of an NHWC map (B, H, W, C),
+    separably: out[b, :, :, c] = M_h @ x[b, :, :, c] @ M_w^T with the 1-D weights of :func:`vitnp.reference.resample.
+    bilinear_matrix` (MobileViT v1 resizes with align_corners=False, v2 with True)."""
     H, W = x.shape[1:3]
-    m_h = bilinear_matrix(H, size[0]).astype(x.dtype)
-    m_w = bilinear_matrix(W, size[1]).astype(x.dtype)
+    m_h = bilinear_matrix(H, size[0], align_corners).astype(x.dtype)
+    m_w = bilinear_matrix(W, size[1], align_corners).astype(x.dtype)
     resized = m_h @ x.transpose(0, 3, 1, 2) @ m_w.T  # (B, C, size[0], size[1])
     return np.ascontiguousarray(resized.transpose(0, 2, 3, 1))
 

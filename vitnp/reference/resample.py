@@ -1,5 +1,5 @@
 """Resampling weights along one axis, as matrices: bilinear (MobileViT's resize of a map that is not whole patches) and
-the three bicubic variants that resample a ViT's position embedding (timm's, DINO's, Hugging Face's).
+the bicubic variants that resample a ViT's position embedding (timm's, DINO's, DINOv2's, Hugging Face's).
 
 Each matrix M (n_out, n_in) gives a resampled axis as M @ values, so a 2-D resize is M_h @ grid @ M_w^T: the index
 arithmetic of torch's ``F.interpolate`` written out once, and tested against it.
@@ -10,14 +10,18 @@ import math
 import numpy as np
 
 
-def bilinear_matrix(n_in, n_out):
-    """(n_out, n_in) weights of bilinear resampling along one axis, ``align_corners=False``, no antialias.
+def bilinear_matrix(n_in, n_out, align_corners=False):
+    """(n_out, n_in) weights of bilinear resampling along one axis, no antialias.
 
-    Output i reads the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped below at 0, and mixes its two neighbours
-    x0 = floor(src) and x1 = min(x0 + 1, n_in - 1) with weights 1 - l and l, l = src - x0: torch's
+    Output i reads the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped below at 0 (``align_corners=False``),
+    or at src = i * (n_in - 1) / (n_out - 1) (``align_corners=True``; 0 for a single output), and mixes its two
+    neighbours x0 = floor(src) and x1 = min(x0 + 1, n_in - 1) with weights 1 - l and l, l = src - x0: torch's
     ``upsample_bilinear2d`` index arithmetic.
     """
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    if align_corners:
+        src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     x0 = src.astype(np.int64)
     x1 = np.minimum(x0 + 1, n_in - 1)
     lam = src - x0
@@ -38,25 +42,27 @@ def cubic_weight(x, A):
     return 0.0
 
 
-def bicubic_matrix(n_in, n_out, align_corners=False, scale_factor=None, A=-0.75):
+def bicubic_matrix(n_in, n_out, align_corners=False, scale_factor=None, A=-0.75, dtype=np.float64):
     """(n_out, n_in) weights of ``F.interpolate(mode='bicubic', antialias=False)`` along one axis.
 
     Output i reads the input at src = (i + 0.5) / scale - 0.5 (align_corners=False; scale = n_out / n_in, or the
     given ``scale_factor``, which torch uses as is: DINO's +0.1) or src = i (n_in - 1) / (n_out - 1)
     (align_corners=True), and mixes the four taps floor(src) - 1 .. floor(src) + 2, clamped to the border, with
-    the cubic kernel's weights at their distances to src.
+    the cubic kernel's weights at their distances t + 1, t, 1 - t, (1 - t) + 1 to src. The positions and weights
+    are computed in ``dtype``, as torch's kernel computes them in the tensor's (float32 for a float32 tensor).
     """
+    real = np.dtype(dtype).type
     if align_corners:
-        step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        step = real(n_in - 1) / real(n_out - 1) if n_out > 1 else real(0.0)
     else:
-        step = 1.0 / scale_factor if scale_factor else n_in / n_out
+        step = real(1.0 / scale_factor) if scale_factor else real(n_in) / real(n_out)
     matrix = np.zeros((n_out, n_in))
     for i in range(n_out):
-        src = i * step if align_corners else (i + 0.5) * step - 0.5
+        src = real(i) * step if align_corners else step * (real(i) + real(0.5)) - real(0.5)
         x0 = math.floor(src)
-        t = src - x0
-        for k, distance in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
-            matrix[i, min(max(x0 + k, 0), n_in - 1)] += cubic_weight(distance, A)
+        t = src - real(x0)
+        for k, distance in zip(range(-1, 3), (t + real(1), t, real(1) - t, (real(1) - t) + real(1))):
+            matrix[i, min(max(x0 + k, 0), n_in - 1)] += cubic_weight(distance, real(A))
     return matrix
 
 
@@ -80,7 +86,7 @@ def aa_bicubic_matrix(n_in, n_out, A=-0.5):
     return matrix
 
 
-POS_EMBED_RESAMPLERS = ("timm", "dino", "hf")
+POS_EMBED_RESAMPLERS = ("timm", "dino", "hf", "dinov2", "dinov2-reg", "hf-dinov2")
 
 
 def resample_pos_embed(grid, new_size, method="timm"):
@@ -92,18 +98,26 @@ def resample_pos_embed(grid, new_size, method="timm"):
       mode='bicubic', antialias=True)``, computed in float32 whatever the model's dtype, then cast back;
     - 'dino' (DINO's ``interpolate_pos_encoding``): ``F.interpolate(grid, scale_factor=((gh' + 0.1) / gh,
       (gw' + 0.1) / gw), mode='bicubic')`` — the +0.1 moves the sampling positions, not only the size;
+    - 'dinov2' (DINOv2's ``interpolate_pos_encoding``, hub models without registers: ``interpolate_offset=0.1``,
+      no antialias): DINO's call on ``grid.float()``, computed in float32, then cast back;
+    - 'dinov2-reg' (DINOv2's hub models with registers, ``interpolate_antialias=True, interpolate_offset=0``, and
+      Hugging Face ``Dinov2WithRegistersEmbeddings``): timm's call, by size, antialiased, in float32 (the two differ
+      only in when they keep the stored embedding: :meth:`vitnp.vit.VisionTransformer.pos_embed_for`);
     - 'hf' (Hugging Face ``ViTEmbeddings.interpolate_pos_encoding``): ``F.interpolate(grid, size=new_size,
-      mode='bicubic')``.
+      mode='bicubic')``;
+    - 'hf-dinov2' (Hugging Face ``Dinov2Embeddings.interpolate_pos_encoding``): the same call on
+      ``grid.to(torch.float32)``, computed in float32, then cast back.
     """
     (gh, gw), (nh, nw) = grid.shape[-2:], new_size
-    if method == "timm":
+    if method in ("timm", "dinov2-reg"):
         m_h, m_w, dtype = aa_bicubic_matrix(gh, nh), aa_bicubic_matrix(gw, nw), np.float32
-    elif method == "dino":
-        m_h = bicubic_matrix(gh, nh, scale_factor=(nh + 0.1) / gh)
-        m_w = bicubic_matrix(gw, nw, scale_factor=(nw + 0.1) / gw)
-        dtype = grid.dtype
-    elif method == "hf":
-        m_h, m_w, dtype = bicubic_matrix(gh, nh), bicubic_matrix(gw, nw), grid.dtype
+    elif method in ("dino", "dinov2"):
+        dtype = np.float32 if method == "dinov2" else grid.dtype
+        m_h = bicubic_matrix(gh, nh, scale_factor=(nh + 0.1) / gh, dtype=dtype)
+        m_w = bicubic_matrix(gw, nw, scale_factor=(nw + 0.1) / gw, dtype=dtype)
+    elif method in ("hf", "hf-dinov2"):
+        dtype = np.float32 if method == "hf-dinov2" else grid.dtype
+        m_h, m_w = bicubic_matrix(gh, nh, dtype=dtype), bicubic_matrix(gw, nw, dtype=dtype)
     else:
         raise ValueError(f"pos-embed resampler must be one of {POS_EMBED_RESAMPLERS}, got {method!r}")
     resampled = m_h.astype(dtype) @ grid.astype(dtype) @ m_w.T.astype(dtype)  # (D, nh, nw)
