@@ -22,6 +22,8 @@ import time
 import numpy as np
 from numba.core import event, types
 
+from . import threads
+
 
 class KernelsNotCompiled(Exception):
     """Raised where Numba would start compiling a kernel of the fast backend that :class:`Tiering` holds back: the op
@@ -117,7 +119,7 @@ class Tiering:
     def __init__(self):
         self.lock = threading.Lock()
         self.states = {}
-        self.compilers = {}  # dtype -> the process compiling its kernels
+        self.compilers = {}  # dtype -> the process compiling its kernels, until it is known to have finished
         self.model = None  # (class, config, (C, H, W), dtype) of the last model that checked an input
         self.forced_mode = None
         self.ops_built = False  # set by TieredOps
@@ -140,6 +142,7 @@ class Tiering:
             state = self.states.get(dtype)
             if state == "compiling" and self.compilers[dtype].poll() is not None:
                 state = self.states[dtype] = "ready"
+                del self.compilers[dtype]
             return state
 
     def held_back(self, arg_types):
@@ -147,18 +150,30 @@ class Tiering:
         dtypes = {str(t.dtype) for t in arg_types if isinstance(t, types.Array) and isinstance(t.dtype, types.Float)}
         return sorted(d for d in dtypes if self.state(d) != "foreground")
 
-    def run(self, name, *args, **kwargs):
-        """Fast op ``name`` on ``args``, or its reference twin while the fast kernels it needs are being compiled."""
-        fast_op, reference_op = getattr(_fast_ops(), name), getattr(_reference_ops(), name)
-        dtype = next((str(a.dtype) for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f"), None)
-        if dtype is not None and self.state(dtype) == "compiling":
-            return reference_op(*args, **kwargs)
+    def run(self, fast, reference, name, *args, **kwargs):
+        """Fast op ``name`` (of ops module ``fast``) on ``args``, or its ``reference`` twin while the fast kernels it
+        needs are being compiled. Called between every two kernels of a forward: the usual case, no compile going on
+        and every kernel in the cache, costs one attribute test."""
+        if self.compilers and self._compiling(args):
+            return self._on_reference(reference, name, args, kwargs)
         try:
-            return fast_op(*args, **kwargs)
+            return getattr(fast, name)(*args, **kwargs)
         except KernelsNotCompiled as missing:
             if self._after_miss(missing.dtypes):
-                return fast_op(*args, **kwargs)
-            return reference_op(*args, **kwargs)
+                return getattr(fast, name)(*args, **kwargs)
+            return self._on_reference(reference, name, args, kwargs)
+
+    @staticmethod
+    def _on_reference(reference, name, args, kwargs):
+        """The reference's op, its products on one BLAS thread: the compiling process has the other core, and a BLAS
+        whose threads wait for a busy core runs several times slower than one thread."""
+        with threads.single_threaded():
+            return getattr(reference, name)(*args, **kwargs)
+
+    def _compiling(self, args):
+        """Whether another process compiles the kernels of the dtype of the op's first float array argument."""
+        dtype = next((str(a.dtype) for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f"), None)
+        return dtype is not None and self.state(dtype) == "compiling"
 
     def _after_miss(self, dtypes):
         """Start compiling the kernels of ``dtypes`` in another process, or, where that has been done already, mark
@@ -227,14 +242,6 @@ def compile_in_foreground():
     tiering.forced_mode = "wait"
 
 
-def _fast_ops():
-    return importlib.import_module(".fast.ops", __package__)
-
-
-def _reference_ops():
-    return importlib.import_module(".reference.ops", __package__)
-
-
 class TieredOps:
     """The fast backend's ops as a model calls them (``module.ops``): each op of :mod:`vitnp.fast.ops` through
     :meth:`Tiering.run`, so that a cold cache does not make the first forward wait; other names are the engine's."""
@@ -242,9 +249,11 @@ class TieredOps:
     def __init__(self):
         _compile_events()  # the listener that holds kernels back
         tiering.ops_built = True
-        for name in _reference_ops().__all__:
-            if callable(getattr(_fast_ops(), name, None)):
-                setattr(self, name, functools.partial(tiering.run, name))
+        self._fast = importlib.import_module(".fast.ops", __package__)
+        reference = importlib.import_module(".reference.ops", __package__)
+        for name in reference.__all__:
+            if callable(getattr(self._fast, name, None)):
+                setattr(self, name, functools.partial(tiering.run, self._fast, reference, name))
 
     def __getattr__(self, name):
-        return getattr(_fast_ops(), name)
+        return getattr(self.__dict__["_fast"], name)
