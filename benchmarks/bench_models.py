@@ -66,7 +66,13 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-from bench_startup import VITNP_PRELUDE, cpu_report, measure_startup, print_startup  # noqa: E402 (this folder)
+from bench_startup import (  # noqa: E402 (this folder)
+    VITNP_PRELUDE,
+    cpu_report,
+    gemm_features,
+    measure_startup,
+    print_startup,
+)
 
 DEFAULT_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 ENGINE_CHOICES = ("vitnp-fast", "vitnp-reference", "torch", "onnxruntime", "openvino")
@@ -101,20 +107,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- environment
-
-
-GEMM_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
-def gemm_features():
-    """Which of :data:`GEMM_FLAGS` the first CPU of /proc/cpuinfo has: what a GEMM kernel can be built from (AVX-512
-    and AMX are what OpenVINO and oneDNN pick kernels by); '' where /proc/cpuinfo cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next((line.split(":", 1)[1] for line in cpuinfo if line.startswith("flags")), "").split())
-    except OSError:
-        return ""
-    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in GEMM_FLAGS)
 
 
 def load_report():

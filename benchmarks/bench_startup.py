@@ -111,17 +111,39 @@ def print_demo(results):
         print(f"| `vitnp demo` | {state} | {r['process_s']:.2f} | {r['cpu_s']:.2f} |")
 
 
-def cpu_report():
-    """The CPU's model name, logical CPU count and vector extensions (avx2, avx512f, amx) from /proc/cpuinfo; on
-    other systems platform's processor name."""
+def first_cpu_fields():
+    """{field: value} of the first CPU in /proc/cpuinfo, or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             fields = [line.split(":", 1) for line in cpuinfo if ":" in line]
     except OSError:
-        return f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs"
+        return None
     first = {}
-    for key, value in fields:  # the first CPU's fields
+    for key, value in fields:
         first.setdefault(key.strip(), value.strip())
+    return first
+
+
+# The CPU flags GEMM kernels are chosen by (OpenBLAS, oneDNN in OpenVINO and onnxruntime, vitnp's GEMM)
+GEMM_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def gemm_features():
+    """Which of :data:`GEMM_FLAGS` the first CPU has, as 'flag yes / no, ...'; '' where /proc/cpuinfo cannot be
+    read."""
+    first = first_cpu_fields()
+    if first is None:
+        return ""
+    flags = set(first.get("flags", "").split())
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in GEMM_FLAGS)
+
+
+def cpu_report():
+    """The CPU's model name, logical CPU count and vector extensions (avx2, avx512f, amx) from /proc/cpuinfo; on
+    other systems platform's processor name."""
+    first = first_cpu_fields()
+    if first is None:
+        return f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical CPUs"
     name = first.get("model name", platform.machine())
     if "cpu family" in first:  # a virtual machine's model name may be only "AMD EPYC": family and model say which
         name += f" (family {first['cpu family']}, model {first.get('model', '?')})"

@@ -116,7 +116,7 @@ def test_rope_table_of_a_dynamic_size_model_equals_timms(dtype):
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 20), st.sampled_from([2, 4, 8, 16, 64])),
        half=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_apply_rot_embed_cat_equals_timms(shape, half, dtype, seed):
-    """The reference op against timm's own function, and the fast op against the reference, on any table."""
+    """The reference op against timm's own function, on any table (the fast backend's op is the same function)."""
     from timm.layers import apply_rot_embed_cat
 
     rng = np.random.default_rng(seed)
@@ -126,7 +126,6 @@ def test_apply_rot_embed_cat_equals_timms(shape, half, dtype, seed):
     out = reference_ops.apply_rot_embed_cat(x, emb, half)
     assert out.dtype == dtype
     assert_close(out, expected, "kernel")
-    assert_close(fast_ops.apply_rot_embed_cat(x, emb, half), out, "kernel")
 
 
 @pytest.mark.parametrize("ops", [reference_ops, fast_ops])

@@ -133,9 +133,14 @@ def _first_forwards(name, backend, dtype):
     from .registry import create_model  # here: the registry defines kernels, which needs the locator installed first
 
     model = create_model(name, backend=backend, dtype=dtype)
-    for batch in (1, 2):
-        model(np.zeros((batch, model.in_chans, *model.img_size), dtype))
+    _forwards_at_batch_1_and_2(model, (model.in_chans, *model.img_size), dtype)
     return name, backend, dtype
+
+
+def _forwards_at_batch_1_and_2(model, image_shape, dtype):
+    """Forwards of zero images at batch 1 and 2: a batch of two takes the fast backend's split across threads."""
+    for batch in (1, 2):
+        model(np.zeros((batch, *image_shape), dtype))
 
 
 def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), processes=None, report=None,
@@ -169,6 +174,4 @@ def compile_from_stdin(dtype):
     family, config, image_shape, _ = model
     model = family(config)
     model.init_weights(dtype=dtype)
-    model.set_backend("fast")
-    for batch in (1, 2):
-        model(np.zeros((batch, *image_shape), dtype))
+    _forwards_at_batch_1_and_2(model.set_backend("fast"), image_shape, dtype)
