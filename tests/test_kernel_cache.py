@@ -189,13 +189,14 @@ print(json.dumps(kernels))
 TIERED_DIGITS = """
 import numpy as np, vitnp
 from vitnp.compiling import tiering
+from vitnp.demo import WEIGHTS_PATH
 vitnp.announce_compiling()
 x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
-fast = vitnp.create_model('vit_digits_patch4_32')
+fast = vitnp.create_model('vit_digits_patch4_32', weights=WEIGHTS_PATH)  # read-only weights, as from any file
 first = fast(x)
 tiering.wait(timeout=240)
 later = fast(x)
-reference = vitnp.create_model('vit_digits_patch4_32', backend='reference')(x)
+reference = vitnp.create_model('vit_digits_patch4_32', weights=WEIGHTS_PATH, backend='reference')(x)
 np.save({out!r}, np.stack([first, later, reference]))
 print(tiering.states)
 """

@@ -232,9 +232,11 @@ def wait_for_kernels(timeout=None):
 
 
 def note_model(model, image_shape):
-    """Remember the model that is about to run (its class, config, one image's shape and dtype): the one whose
-    kernels a background compile compiles first."""
-    tiering.model = (type(model), model.cfg, tuple(image_shape), str(model.dtype))
+    """Remember the model that is about to run (its class, config, one image's shape, dtype, and whether its weights
+    are read-only, as weights read from a file are: Numba compiles a kernel apart for read-only arrays): the one whose
+    kernels a background compile compiles."""
+    _, first = next(model.named_state())
+    tiering.model = (type(model), model.cfg, tuple(image_shape), str(model.dtype), not first.flags.writeable)
 
 
 def compile_in_foreground():

@@ -134,7 +134,16 @@ def _first_forwards(name, backend, dtype):
 
     model = create_model(name, backend=backend, dtype=dtype)
     _forwards_at_batch_1_and_2(model, (model.in_chans, *model.img_size), dtype)
+    _forwards_at_batch_1_and_2(_read_only(model), (model.in_chans, *model.img_size), dtype)  # as read from a file
     return name, backend, dtype
+
+
+def _read_only(model):
+    """``model`` with read-only weights, as :func:`vitnp.load_weights` gives them (Numba compiles a kernel apart for
+    read-only arrays)."""
+    for _, value in model.named_state():
+        value.flags.writeable = False
+    return model
 
 
 def _forwards_at_batch_1_and_2(model, image_shape, dtype):
@@ -171,7 +180,8 @@ def compile_from_stdin(dtype):
         for name in KERNEL_SAMPLES:
             _first_forwards(name, "fast", dtype)
         return
-    family, config, image_shape, _ = model
+    family, config, image_shape, _, read_only = model
     model = family(config)
     model.init_weights(dtype=dtype)
-    _forwards_at_batch_1_and_2(model.set_backend("fast"), image_shape, dtype)
+    model.set_backend("fast")
+    _forwards_at_batch_1_and_2(_read_only(model) if read_only else model, image_shape, dtype)

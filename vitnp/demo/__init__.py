@@ -16,6 +16,7 @@ import numpy as np
 from ..backends import default_backend
 from ..model import count_params
 from ..preprocess import load_image, normalize
+from ..reference.ops import softmax
 from ..registry import create_model
 
 MODEL_NAME = "vit_digits_patch4_32"
@@ -95,7 +96,7 @@ def run_demo(out=None, weights=WEIGHTS_PATH, samples_dir=SAMPLES_DIR, backend=No
     labels = np.array([sample_label(path) for path in paths])
     x = load_samples(paths, model.data_config)
     first_call, batch_seconds, logits = classify(model, x)
-    probabilities = model.ops.softmax(logits)
+    probabilities = softmax(logits)  # of the model's output, as predict's: not a step of the model
     predictions = logits.argmax(axis=1)
     correct = predictions == labels
     result = DemoResult(
