@@ -236,3 +236,25 @@ def test_attention_on_the_reference_backend_draws_the_fast_backend_figure(tmp_pa
     fast, reference = (np.asarray(Image.open(tmp_path / f"{name}.png"), np.int16) for name in ("fast", "reference"))
     assert fast.shape == reference.shape == (2 * 32 + 4, 4 * 32 + 3 * 4, 3)  # image, mean, 4 heads; 4 columns
     assert np.abs(fast - reference).max() <= 1  # colours rounded to 8 bits from maps equal to ~1e-6
+
+
+def test_the_installed_command_runs_main_then_freezes_the_heap(capsys):
+    """The ``vitnp`` script is ``command_line``: main's status, then the heap frozen so that the interpreter's exit
+    does not walk Numba's objects (the collections of a cached ``vitnp demo``'s exit took a third of its time)."""
+    import gc
+    from pathlib import Path
+
+    from vitnp.cli import command_line
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '\nvitnp = "vitnp.cli:command_line"\n' in pyproject  # [project.scripts]
+    gc.unfreeze()
+    try:
+        assert command_line(["list", "vit_tiny_patch16_224"]) == 0
+        assert "vit_tiny_patch16_224" in capsys.readouterr().out
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        assert command_line(["list", "zzz"]) == 1  # frozen whatever the status
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -186,6 +186,26 @@ def test_linear_with_scale_activation_and_residual(data, act, with_scale, with_r
     assert_close(y, reference.activation(z, act) + (0 if residual is None else residual), "kernel")
 
 
+def test_the_gemm_blocks_rows_by_the_l2_cache_linux_describes(tmp_path):
+    def cache(index, level, kind, size):
+        folder = tmp_path / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{text}\n")
+
+    cache(0, 1, "Data", "48K")
+    cache(1, 1, "Instruction", "32K")
+    cache(2, 2, "Unified", "2048K")
+    cache(3, 3, "Unified", "480M")
+    assert gemm.l2_cache_bytes(str(tmp_path / "cache")) == 2 << 20
+    (tmp_path / "cache" / "index2" / "size").write_text("4M\n")
+    assert gemm.l2_cache_bytes(str(tmp_path / "cache")) == 4 << 20
+    assert gemm.l2_cache_bytes(str(tmp_path / "nothing"), default=12345) == 12345
+    (tmp_path / "cache" / "index2" / "size").write_text("unknown\n")
+    assert gemm.l2_cache_bytes(str(tmp_path / "cache"), default=12345) == 12345
+    assert gemm.L2_ROWS_BYTES == gemm.l2_cache_bytes() // 2
+
+
 @given(st.data())
 def test_linear_is_exact_on_small_integers(data):
     # Products and sums of small integers are exact in floating point whatever the order: the kernel must give

@@ -231,6 +231,12 @@ def wait_for_kernels(timeout=None):
     return tiering.wait(timeout)
 
 
+def kernels_compiling():
+    """Whether another process is compiling fast kernels for this one now (its fast ops meanwhile run on the
+    reference's kernels)."""
+    return any(tiering.state(dtype) == "compiling" for dtype in list(tiering.compilers))
+
+
 def note_model(model, image_shape):
     """Remember the model that is about to run (its class, config, one image's shape, dtype, and whether its weights
     are read-only, as weights read from a file are: Numba compiles a kernel apart for read-only arrays): the one whose

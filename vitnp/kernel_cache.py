@@ -16,14 +16,12 @@ model runs on the reference backend's.
 import contextlib
 import functools
 import hashlib
-import multiprocessing
 import os
 import pickle
 import stat
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from numba.core import caching
@@ -159,6 +157,10 @@ def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), process
     (:data:`KERNEL_SAMPLES`) run their first forwards in ``processes`` fresh worker processes at once (default: one
     per core; they share the cache on disk, where Numba writes each kernel whole or not at all).
     ``report(name, backend, dtype, seconds)`` is called as each model finishes."""
+    # imported here, not with the module: every vitnp process imports this one, and these two cost ~20 ms of its start
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     jobs = [(name, backend, dtype) for dtype in dtypes for backend in backends for name in names]
     start = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")  # not fork: this process may have threads (the fast backend's)
