@@ -78,12 +78,22 @@ def pointwise_cases(vitnp, kernels):
 
 
 def attention_cases(vitnp, kernels):
-    """Attention on MobileViT's (head_dim 36), ViT's (197 keys) and Swin's (49-token windows) heads."""
+    """Attention on MobileViT's (head_dim 36), ViT's (197 keys) and Swin's (49-token windows) heads; Swin's also as its
+    blocks run them, with the relative position bias, and the shifted-window mask of stage 1's and stage 3's maps."""
     rng = np.random.default_rng(0)
     cases = {}
     for batch, tokens, heads, head_dim in [(8, 256, 4, 36), (1, 197, 12, 64), (64, 49, 3, 32)]:
         qkv = rng.standard_normal((batch, tokens, 3, heads, head_dim)).astype(np.float32)
         cases[f"attention B{batch} N{tokens} hd{head_dim}"] = lambda qkv=qkv: kernels.attention(qkv, 0.1)
+    for side, heads in [(56, 3), (14, 12)]:
+        windows = (side // 7) ** 2
+        qkv = rng.standard_normal((windows, 49, 3, heads, 32)).astype(np.float32)
+        bias = rng.standard_normal((heads, 49, 49)).astype(np.float32)
+        mask = vitnp.swin.shifted_window_mask((side, side), (7, 7), (3, 3))
+        cases[f"swin attention {side}x{side} map, {heads} heads, bias"] = (
+            lambda qkv=qkv, bias=bias: kernels.attention(qkv, 32**-0.5, bias))
+        cases[f"swin attention {side}x{side} map, {heads} heads, bias + mask"] = (
+            lambda qkv=qkv, bias=bias, mask=mask: kernels.attention(qkv, 32**-0.5, bias, mask))
     return cases
 
 

@@ -1,17 +1,19 @@
 """vitnp: the Vision Transformer family, forward pass, in NumPy and Numba, equal to PyTorch."""
 
-from .compiling import announce_compiling
-from .kernel_cache import install_kernel_locators
+from .memory import collector_paused, keep_freed_memory
 
-install_kernel_locators()  # before any kernel is defined: cached by the kernel sources, and where nothing is writable
+with collector_paused():  # the imports' objects are all kept: collecting meanwhile would free nothing
+    from .compiling import announce_compiling
+    from .kernel_cache import install_kernel_locators
 
-from .layouts import LayoutError
-from .memory import keep_freed_memory
-from .model import WeightsError, count_params
-from .preprocess import load_image, normalize, preprocess
-from .registry import create_model, data_config, list_models
-from .threads import get_num_threads, set_num_threads
-from .weights import WeightsFileError, load_weights
+    install_kernel_locators()  # before any kernel is defined (stamped by the kernel sources; where nothing is writable)
+
+    from .layouts import LayoutError
+    from .model import WeightsError, count_params
+    from .preprocess import load_image, normalize, preprocess
+    from .registry import create_model, data_config, list_models
+    from .threads import get_num_threads, set_num_threads
+    from .weights import WeightsFileError, load_weights
 
 __version__ = "0.1.0"
 

@@ -104,10 +104,8 @@ class WindowAttention(Module):
         self.proj = Linear(dim, dim)
 
     def relative_position_bias(self):
-        """(heads, N, N): bias[h, i, j] = table[index[i, j], h]."""
-        N = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].reshape(N, N, -1)
-        return bias.transpose(2, 0, 1)  # (heads, N, N)
+        """(heads, N, N): bias[h, i, j] = table[index[i, j], h], gathered straight into that layout (contiguous)."""
+        return np.take(self.relative_position_bias_table.T, self.relative_position_index, axis=1)
 
     def __call__(self, x, mask=None):
         """(B*nW, N, C) windows -> (B*nW, N, C); ``mask`` (nW, N, N) is added per window of every image."""

@@ -548,6 +548,23 @@ class _LaneMath:
 # its registers equals the tile activated in memory bit for bit (tested), without the tile's trip through memory.
 
 
+def _float32_exp_lanes(builder, lane, x):
+    # exp_for_silu_float32's steps after its clamp, on float32 lanes x for which 2^round(x / ln 2) is a normal number
+    # or inf: n = round(x / ln 2) by one fused multiply-add onto _ROUND_TO_INTEGER, x - n ln 2 in two parts, the Horner
+    # polynomial of exp on it, times 2^n made from n's bits
+    rounding = lane.splat(_ROUND_TO_INTEGER)
+    n = builder.fsub(lane.call("fma", x, lane.splat(_LOG2E_F32), rounding), rounding)
+    r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_HI), x)
+    r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_LO), r)
+    exp_r = lane.splat(_INV_FACT[7])
+    for k in range(6, -1, -1):  # Horner, fused
+        exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
+    int_type = llvmlite.ir.VectorType(I32, lane.lanes)
+    exponent = builder.add(builder.fptosi(n, int_type), lane.splat(127, int_type))
+    power_of_two = builder.bitcast(builder.shl(exponent, lane.splat(23, int_type)), x.type)  # 2^n
+    return builder.fmul(exp_r, power_of_two)
+
+
 def _sigmoid_gated_lanes(builder, value, dtype, scale=None):
     # v / (1 + exp(-(scale * v))) on a vector of lanes (SiLU without ``scale``, QuickGELU with 1.702): for float32
     # exp_for_silu_float32's clamp, rounding, Horner polynomial and 2^n scaling, for float64 LLVM's exp (libm's, lane
@@ -559,17 +576,7 @@ def _sigmoid_gated_lanes(builder, value, dtype, scale=None):
     else:  # exp_for_silu_float32, step by step
         x = builder.select(builder.fcmp_ordered(">", x, lane.splat(_SILU_EXP_MIN)), x, lane.splat(_SILU_EXP_MIN))
         x = builder.select(builder.fcmp_ordered("<", x, lane.splat(_SILU_EXP_MAX)), x, lane.splat(_SILU_EXP_MAX))
-        rounding = lane.splat(_ROUND_TO_INTEGER)
-        n = builder.fsub(lane.call("fma", x, lane.splat(_LOG2E_F32), rounding), rounding)
-        r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_HI), x)
-        r = lane.call("fma", builder.fneg(n), lane.splat(_LN2_LO), r)
-        exp_r = lane.splat(_INV_FACT[7])
-        for k in range(6, -1, -1):  # Horner, fused
-            exp_r = lane.call("fma", exp_r, r, lane.splat(_INV_FACT[k]))
-        int_type = llvmlite.ir.VectorType(I32, lane.lanes)
-        exponent = builder.add(builder.fptosi(n, int_type), lane.splat(127, int_type))
-        power_of_two = builder.bitcast(builder.shl(exponent, lane.splat(23, int_type)), value.type)  # 2^n
-        exp = builder.fmul(exp_r, power_of_two)
+        exp = _float32_exp_lanes(builder, lane, x)
     return builder.fdiv(value, builder.fadd(lane.splat(1.0), exp))
 
 
@@ -639,3 +646,130 @@ def vactivate(v, act):
     if act == _QUICK_GELU:
         return vquick_gelu(v)
     return v
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole-vector steps of a short softmax row, and prefetching
+#
+# A row of a few vectors (Swin's windows: 49 keys) is softmaxed a vector at a time: a constant in every lane, the
+# lane-wise max, a vector's largest lane and the sum of its lanes, and exp on the row shifted by its max.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# vexp_floored takes exp(x) below this as 0: its share of a probability is under 1e-34, far below any rounding of the
+# result, and the subnormal numbers that exp(-100) and the like are (Swin's masked scores) would make the CPU take slow
+# microcode assists, in the exp, the normalisation and the product with v.
+EXP_FLOOR = -80.0
+
+
+@intrinsic
+def vfill(typingctx, array, value):
+    """``value`` in every lane of a vector of ``array``'s dtype."""
+    vector = Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        scalar = context.cast(builder, args[1], signature.args[1], array.dtype)
+        one_lane = builder.insert_element(llvmlite.ir.Constant(context.get_value_type(vector), None), scalar, I32(0))
+        every_lane = llvmlite.ir.Constant(llvmlite.ir.VectorType(I32, vector.lanes), [0] * vector.lanes)
+        return builder.shuffle_vector(one_lane, one_lane, every_lane)
+
+    return vector(array, value), codegen
+
+
+def _larger(builder, a, b):
+    # max(a, b) lane by lane: a where a > b, else b (a NaN in a is dropped here; the exp of the row brings it back)
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """max(a, b) lane by lane, for two vectors of one type."""
+    if not (a == b and isinstance(a, Vector)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _larger(builder, *args)
+
+    return a(a, b), codegen
+
+
+def _fold_halves(builder, vector, combine):
+    # the lanes of ``vector`` combined pairwise, halving the vector until one lane is left: a tree of lanes - 1 steps
+    lanes = vector.type.count
+    while lanes > 1:
+        lanes //= 2
+        half = llvmlite.ir.VectorType(I32, lanes)
+        low = builder.shuffle_vector(vector, vector, llvmlite.ir.Constant(half, list(range(lanes))))
+        high = builder.shuffle_vector(vector, vector, llvmlite.ir.Constant(half, list(range(lanes, 2 * lanes))))
+        vector = combine(low, high)
+    return builder.extract_element(vector, I32(0))
+
+
+@intrinsic
+def vreduce_max(typingctx, v):
+    """The largest lane of ``v``."""
+
+    def codegen(context, builder, signature, args):
+        return _fold_halves(builder, args[0], lambda a, b: _larger(builder, a, b))
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vreduce_sum(typingctx, v):
+    """The sum of the lanes of ``v``, added pairwise."""
+
+    def codegen(context, builder, signature, args):
+        return _fold_halves(builder, args[0], builder.fadd)
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vexp_floored(typingctx, v):
+    """exp(x) lane by lane for x <= 0 (a softmax's scores less their max), 0 for x below :data:`EXP_FLOOR`. float32:
+    exp_for_silu's steps (:func:`_float32_exp_lanes`; its 2^n is a normal number for x in [EXP_FLOOR, 0]), within 2
+    ulp of exp; float64: libm's exp lane by lane. A NaN stays NaN."""
+    if not isinstance(v, Vector):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (x,) = args
+        lane = _LaneMath(builder, x.type)
+        floor = lane.splat(EXP_FLOOR)
+        below = builder.fcmp_ordered("<", x, floor)
+        clamped = builder.select(below, floor, x)
+        if v.dtype == numba.types.float64:
+            exp = lane.call("exp", clamped)
+        else:
+            exp = _float32_exp_lanes(builder, lane, clamped)
+        return builder.select(below, lane.splat(0.0), exp)
+
+    return v(v), codegen
+
+
+_BYTE_POINTER = llvmlite.ir.IntType(8).as_pointer()
+
+
+def _prefetch_codegen(for_writing):
+    # LLVM's prefetch of the address of args = (array, index): to be read or written, kept in every cache level, data
+    def codegen(context, builder, signature, args):
+        address = builder.bitcast(element_pointer(context, builder, signature.args[0], *args), _BYTE_POINTER)
+        function_type = llvmlite.ir.FunctionType(llvmlite.ir.VoidType(), [_BYTE_POINTER, I32, I32, I32])
+        prefetch = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+        builder.call(prefetch, [address, I32(1 if for_writing else 0), I32(3), I32(1)])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def prefetch_to_read(typingctx, array, index):
+    """Ask the CPU to bring the cache line of ``array[index]`` (a 1-D array with unit stride) in, to be read: a hint,
+    which changes no value and never faults."""
+    return numba.types.void(array, index), _prefetch_codegen(False)
+
+
+@intrinsic
+def prefetch_to_write(typingctx, array, index):
+    """As :func:`prefetch_to_read`, for a line about to be written."""
+    return numba.types.void(array, index), _prefetch_codegen(True)
