@@ -78,7 +78,7 @@ def _vexp_each(x):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_exp_is_exp_above_the_floor_and_zero_below(dtype):
-    lanes = 64 // np.dtype(dtype).itemsize
+    lanes = vecmath.VECTOR_BYTES // np.dtype(dtype).itemsize
     x = np.concatenate([np.linspace(-120, 0, 240_000), [0.0, -0.0, EXP_FLOOR, -87.33, -103.97, -np.inf]])
     x = np.concatenate([x, np.zeros(-len(x) % lanes)]).astype(dtype)
     y = _vexp_each(x)

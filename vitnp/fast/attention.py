@@ -126,11 +126,10 @@ def attention_items(qkv, scale, bias, mask, out, width, schedule, job):
     key_padding = np.zeros(padded_keys, qkv.dtype)  # added to the scores: 0 for the N keys, -inf past them
     key_padding[N:] = -np.inf
     row_factors = np.empty(N, qkv.dtype)
-    none_square = np.zeros((0, 0), qkv.dtype)
     head_out = np.empty((N, value_panels_count * width), qkv.dtype)
     ones = np.ones(max(padded_keys, value_panels_count * width), qkv.dtype)  # the products' scale and shift: none
     zeros = np.zeros(max(padded_keys, value_panels_count * width), qkv.dtype)
-    none = np.zeros((0, 0), qkv.dtype)  # no residual
+    none = np.zeros((0, 0), qkv.dtype)  # no residual for the products; no bias or mask for the softmax
     q_block_rows = l2_block_rows(head_dim, qkv.itemsize)
     probs_block_rows = l2_block_rows(N, qkv.itemsize)
     begin, end = take_chunk(schedule, job)
@@ -153,8 +152,8 @@ def attention_items(qkv, scale, bias, mask, out, width, schedule, job):
             gemm_panels(  # q k^T, 0 past N
                 q, key_panels, ones, zeros, NO_ACTIVATION, none, scores, ZERO, key_panels_count, q_block_rows, N
             )
-            head_bias = bias[h] if bias.shape[0] else none_square
-            window_mask = mask[b % mask.shape[0]] if mask.shape[0] else none_square
+            head_bias = bias[h] if bias.shape[0] else none
+            window_mask = mask[b % mask.shape[0]] if mask.shape[0] else none
             _softmax_rows(scores, head_bias, window_mask, key_padding, probs_flat, row_factors)
             gemm_panels(  # @ v
                 probs, value_panels, ones, zeros, NO_ACTIVATION, none, head_out, ZERO, value_panels_count,
