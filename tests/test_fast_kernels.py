@@ -241,6 +241,21 @@ def test_linear_rejects_what_does_not_fit():
         pack(np.ones((4, 3), np.int64))
 
 
+def test_gelu_tanh_keeps_its_digits_far_out_on_both_sides():
+    # gelu_tanh is computed as v / (1 + exp(-2u)), not 0.5 v (1 + tanh(u)): where tanh(u) is near -1 the float32
+    # result keeps its relative precision (measured 3.3e-6 at v = -5.3, where 0.5 v (1 + tanh(u)) in float32 is off by
+    # 4.7 times the result). Held to the kernel tolerance's rtol against torch's formula in float64 while that keeps
+    # its own digits (|v| < 5.3); beyond, on the positive side, within 4e-7 of v.
+    v = np.linspace(-9.0, 9.0, 20001)
+    exact = 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v**3)))
+    near = np.abs(v) < 5.3  # past it, 1 + tanh(u) underflows float64's rounding and `exact` loses its digits
+    for act in (rows.gelu(v.astype(np.float32), approximate="tanh"),
+                gemm.linear(v.astype(np.float32)[:, None], pack(np.ones((1, 1), np.float32)), act="gelu_tanh")[:, 0]):
+        relative = np.abs(act.astype(np.float64) - exact) / np.maximum(np.abs(exact), 1e-300)
+        assert relative[near].max() < 1e-5
+        assert np.all(np.abs(act[~near & (v > 0)] - v[~near & (v > 0)]) <= 4e-7 * v[~near & (v > 0)])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_silu_and_gelu_of_the_gemm_epilogue_at_the_extremes(dtype):
     x = np.array([-1e4, -200.0, -88.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 88.0, 200.0, 1e4], dtype=dtype)
@@ -333,7 +348,7 @@ def test_depthwise_3x3_inside_the_map_is_the_general_sum_bit_for_bit(B, H, W, C,
 
 
 # Activations in registers: no oracle needed beyond rows.silu's and gelu's loops over memory, which test_fast_ops
-# holds to the reference. The edges: exp's clamps and float32 exp's range (softmax's and SiLU's), erf's clamps (at
+# holds to the reference (and the test below to float64 at gelu_tanh's far ends). The edges: exp's clamps and float32 exp's range (softmax's and SiLU's), erf's clamps (at
 # v = +-4 sqrt(2)), +-inf, nan.
 ACTIVATION_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -88.38, -88.37, -87.0, -20.0,
                     -5.66, -5.65, -1e-30, 0.0, 1e-30, 5.65, 5.66, 20.0, 87.0, 88.72, 89.0, 1e4, 1e30]
@@ -347,9 +362,9 @@ def _assert_same_bits(a, b):
 
 @given(st.integers(1, 20), st.integers(1, 80), st.sampled_from([1, 3]), st.integers(1, 3), DTYPES, SEEDS)
 def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows_, channels, kernel, stride, dtype, seed):
-    # The GEMM applies SiLU and GELU to its output tile in the registers, the depthwise conv to its vectors of
-    # channels (vecmath.vsilu, vgelu); rows.silu / gelu run their loop over memory: the same operations in the
-    # same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on every tile row and
+    # The GEMM applies SiLU, GELU and gelu_tanh to its output tile in the registers, the depthwise conv to its vectors
+    # of channels (vecmath.vsilu, vgelu, vgelu_tanh); rows.silu / gelu run their loop over memory: the same operations
+    # in the same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on every tile row and
     # column, every vector and scalar channel remainder.
     rng = np.random.default_rng(seed)
     pool = np.concatenate([ACTIVATION_EDGES, rng.standard_normal(40) * 30])
@@ -361,10 +376,12 @@ def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows_, c
     pre_activation = gemm.linear(x, packed, shift)
     _assert_same_bits(gemm.linear(x, packed, shift, act="silu"), rows.silu(pre_activation))
     _assert_same_bits(gemm.linear(x, packed, shift, act="gelu"), rows.gelu(pre_activation))
+    _assert_same_bits(gemm.linear(x, packed, shift, act="gelu_tanh"), rows.gelu(pre_activation, approximate="tanh"))
     maps = rng.choice(pool, (1, rows_, 5, channels)).astype(dtype)
     taps = np.repeat(weight[:, None, None, None], kernel, axis=2).repeat(kernel, axis=3)  # (C, 1, k, k)
     conv_output = conv.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift)
-    for act, in_memory in (("silu", rows.silu), ("gelu", rows.gelu)):
+    gelu_tanh = functools.partial(rows.gelu, approximate="tanh")
+    for act, in_memory in (("silu", rows.silu), ("gelu", rows.gelu), ("gelu_tanh", gelu_tanh)):
         in_registers = conv.depthwise_conv2d(maps, taps, stride, kernel // 2, shift=shift, act=act)
         _assert_same_bits(in_registers, in_memory(conv_output))
 
@@ -441,7 +458,7 @@ def test_image_conv2d_is_conv2d_on_the_images_made_nhwc_bit_for_bit(B, C, more_r
     # image_conv2d reads NCHW images in place, eight output pixels at a time where their windows are inside the image
     # (rows up to 30 pixels wide: some with a run of eight, some with two, some pixel by pixel) and skipping the
     # padding's taps: the same products in the same order as conv2d's GEMM on the NHWC copy, so the same bits, for
-    # any number of output channels (vectors cut short) and every activation (gelu_tanh over each row after).
+    # any number of output channels (vectors cut short) and every activation.
     smallest = max(1, kernel - 2 * padding)  # the kernel fits the padded image
     H, W = smallest + more_rows, smallest + more_columns
     _assert_image_conv2d_is_conv2d(B, C, H, W, kernel, stride, padding, out, dtype, np.random.default_rng(seed))

@@ -15,7 +15,6 @@ from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift,
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
 from .vecmath import (
-    IN_REGISTERS,
     activate,
     activation_code,
     copy,
@@ -73,8 +72,8 @@ def depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, row_pad
     # c] + shift[c]), taps outside the map reading zero padding, for the output rows b * Ho + i in [first, end).
     # The sum runs in tap order (u, v) with fused multiply-adds from zero, in registers: four vectors of channels at a
     # time (four independent chains, so that each FMA need not wait for the one before), then one vector, then the
-    # channels past the last whole vector one by one. SiLU, GELU and QuickGELU are applied in the registers (to those
-    # last channels in memory), gelu_tanh over the output row. A 3x3 window inside the map (all but MobileViT's edge
+    # channels past the last whole vector one by one. The activation is applied in the registers (to those last
+    # channels in memory). A 3x3 window inside the map (all but MobileViT's edge
     # pixels) runs its nine taps as one loop of constant length, which LLVM unrolls (bit for bit the same sums as the
     # two loops over the taps inside, tested). At stride 1, with C whole vectors, four pixels side by side whose
     # windows are inside go together (_depthwise_3x3_four_pixels), sharing the loads of the taps and of the input
@@ -147,11 +146,9 @@ def depthwise_conv2d_rows(x, weight, scale, shift, act, stride, padding, row_pad
                         total = fma(taps[(u * kw + v) * C + c], x_flat[corner + (u * W + v) * C + c], total)
                 out_flat[at + c] = fma(total, scale[c], shift[c])
                 c += 1
-            if act in IN_REGISTERS and last_channels < C:
+            if act and last_channels < C:
                 activate(out_flat[at + last_channels : at + C], act)
             j += 1
-        if act not in IN_REGISTERS:
-            activate(out_flat[row * Wo * C : (row + 1) * Wo * C], act)
 
 
 @jit
@@ -378,8 +375,7 @@ def _image_conv2d_pixel(x_flat, weights, depth, width, C, H, W, kernel_size, cha
 def _image_conv2d_shared(images, panels, scale, shift, act, kernel_size, stride, padding, y, Ho, Wo, schedule, job):
     # y[(b * Ho + i) * Wo + j, o] = act(scale[o] * sum_{u, v, c} W[o, c, u, v] * images[b, c, i*stride + u - padding,
     # j*stride + v - padding] + shift[o]) for the output rows b * Ho + i of the chunks this thread takes, y's columns
-    # whole vectors (the padding columns from the panels' zero weights). act in the registers, gelu_tanh over each row
-    # after.
+    # whole vectors (the padding columns from the panels' zero weights). act in the registers.
     _, C, H, W = images.shape
     _, depth, width = panels.shape
     lanes = width // 2
@@ -432,8 +428,6 @@ def _image_conv2d_shared(images, panels, scale, shift, act, kernel_size, stride,
                         o = vector * lanes
                         vstore(y_flat, at + o, vactivate(fma(acc, vload(scale, o), vload(shift, o)), act))
                     j += 1
-            if act not in IN_REGISTERS:
-                activate(y_flat[row * Wo * columns : (row + 1) * Wo * columns], act)
         begin, end = take_chunk(schedule, NO_JOB)
 
 

@@ -23,10 +23,8 @@ from .pool import MACS_PER_VALUE, run_shared
 from .rows import as_rows
 from .schedule import NO_JOB, take_chunk
 from .vecmath import (
-    IN_REGISTERS,
     ZERO,
     VECTOR_BYTES,
-    activate,
     activation_code,
     copy_leading_columns,
     fma,
@@ -84,8 +82,8 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
     # vector alone: MobileViT's 144-column and head_dim-36 products, attention over 197 keys); scale, shift and the
     # rows of y padded to n_panels * width columns; act an index into ACTIVATIONS; residual (rows, out_features), or
     # (0, 0): none. The rows go in blocks of block_rows that stay in the L2 cache while the panels pass over them.
-    # SiLU, GELU, QuickGELU and the residual's add are applied to the tile in its registers, which saves the tile a
-    # trip through memory; gelu_tanh (and the residual after it, and on the cut-short last panel) by _tile_epilogue.
+    # The activation and the residual's add are applied to the tile in its registers, which saves the tile a trip
+    # through memory; the residual of the cut-short last panel by _cut_short_residual.
     rows, depth = x.shape
     width = panels.shape[2]
     lanes = width // 2
@@ -93,8 +91,6 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
     x_flat = x.reshape(-1)
     weights = panels.reshape(-1)
     y_flat = y.reshape(-1)
-    tile = np.empty(6 * width, y.dtype)  # scratch for _tile_epilogue
-    tile_act = 0 if act in IN_REGISTERS else act  # SiLU, GELU, QuickGELU in the tile's registers, gelu_tanh on memory
     out_features = residual.shape[1]
     residual_flat = residual.reshape(-1)
     for block in range(0, rows, block_rows):
@@ -104,7 +100,7 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
             scale1 = vload(scale, column + lanes)
             shift0 = vload(shift, column)
             shift1 = vload(shift, column + lanes)
-            residual_in_registers = residual.shape[0] > 0 and tile_act == 0 and column + width <= out_features
+            residual_in_registers = residual.shape[0] > 0 and column + width <= out_features
             for i in range(block, min(block + block_rows, rows), 6):
                 # Where the tile's 6 rows of x start; past the last row, the last row again (computed, not stored).
                 x0 = i * depth
@@ -155,7 +151,7 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
                 acc30, acc31 = fma(acc30, scale0, shift0), fma(acc31, scale1, shift1)
                 acc40, acc41 = fma(acc40, scale0, shift0), fma(acc41, scale1, shift1)
                 acc50, acc51 = fma(acc50, scale0, shift0), fma(acc51, scale1, shift1)
-                if act in IN_REGISTERS:
+                if act:
                     acc00, acc01 = vactivate(acc00, act), vactivate(acc01, act)
                     acc10, acc11 = vactivate(acc10, act), vactivate(acc11, act)
                     acc20, acc21 = vactivate(acc20, act), vactivate(acc21, act)
@@ -199,41 +195,22 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
                 if i + 5 < rows:
                     vstore(y_flat, at + 5 * padded_columns, acc50)
                     vstore(y_flat, at + 5 * padded_columns + lanes, acc51)
-                if tile_act or (residual.shape[0] and not residual_in_registers):
-                    tile_rows = min(6, rows - i)
-                    _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, tile_act, tile, residual, i, column)
+                if residual.shape[0] and not residual_in_registers:
+                    _cut_short_residual(y_flat, at, padded_columns, min(6, rows - i), residual, i, column)
 
 
 @jit
-def _tile_epilogue(y_flat, at, padded_columns, tile_rows, width, act, tile, residual, i, column):
-    # The activation (gelu_tanh: the others are applied in the tile's registers) and the residual add after it (or on
-    # the cut-short last panel) of gemm_panels' tile of tile_rows rows x width columns at y_flat[at], while it is in
-    # the L1 cache; a function of its own, so that its code stays out of the micro-kernel's loops (inlined
-    # there, it cost the plain product 6-13%). The activation runs on a contiguous copy of the tile, where its loop
-    # vectorises (over a 16-column run of y it would not); then the residual (rows, out_features) is added.
-    lanes = width // 2
-    if act:
-        for r in range(tile_rows):
-            vstore(tile, r * width, vload(y_flat, at + r * padded_columns))
-            vstore(tile, r * width + lanes, vload(y_flat, at + r * padded_columns + lanes))
-        activate(tile[: tile_rows * width], act)
-        for r in range(tile_rows):
-            vstore(y_flat, at + r * padded_columns, vload(tile, r * width))
-            vstore(y_flat, at + r * padded_columns + lanes, vload(tile, r * width + lanes))
-    if residual.shape[0]:
-        out_features = residual.shape[1]
-        residual_flat = residual.reshape(-1)
-        for r in range(tile_rows):
-            row_at = at + r * padded_columns
-            residual_at = (i + r) * out_features + column
-            if column + width <= out_features:
-                y0 = vadd(vload(y_flat, row_at), vload(residual_flat, residual_at))
-                y1 = vadd(vload(y_flat, row_at + lanes), vload(residual_flat, residual_at + lanes))
-                vstore(y_flat, row_at, y0)
-                vstore(y_flat, row_at + lanes, y1)
-            else:  # the cut-short last panel
-                for c in range(out_features - column):
-                    y_flat[row_at + c] += residual_flat[residual_at + c]
+def _cut_short_residual(y_flat, at, padded_columns, tile_rows, residual, i, column):
+    # The residual's add on gemm_panels' tile of tile_rows rows of the cut-short last panel at y_flat[at] (its columns
+    # past out_features are padding), while the tile is in the L1 cache; a function of its own, so that its code stays
+    # out of the micro-kernel's loops (inlined there, such an epilogue cost the plain product 6-13%).
+    out_features = residual.shape[1]
+    residual_flat = residual.reshape(-1)
+    for r in range(tile_rows):
+        row_at = at + r * padded_columns
+        residual_at = (i + r) * out_features + column
+        for c in range(out_features - column):
+            y_flat[row_at + c] += residual_flat[residual_at + c]
 
 
 @jit

@@ -188,7 +188,6 @@ def fma(typingctx, a, b, c):
 # ---------------------------------------------------------------------------------------------------------------------
 
 SQRT_HALF = 1.0 / math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # float32 exp: log2(e); ln 2 as a short part (exact in any product with an integer below 2^15) plus the rest; 1/k!;
 # the clamp range (exp(-104) is below half the smallest float32 subnormal, exp(89) above the largest float32).
 _LOG2E_F32 = np.float32(1.0 / math.log(2.0))
@@ -206,6 +205,12 @@ _ROUND_TO_INTEGER = np.float32(1.5 * 2**23)
 # multiply by its float32 rounding, as torch's ``1.702 * x`` on a float32 tensor does.
 QUICK_GELU_SCALE = 1.702
 _QUICK_GELU_SCALE_F32 = np.float32(QUICK_GELU_SCALE)
+# gelu_tanh, 0.5 v (1 + tanh(u)) with u = sqrt(2/pi) (v + 0.044715 v^3), is v sigmoid(2u) = v / (1 + exp(-2u)) (since
+# 1 + tanh(u) = 2 sigmoid(2u)): SiLU's steps with 2u = v (a + b v^2) in place of v, a = 2 sqrt(2/pi), b = 0.044715 a.
+# No 1 + tanh(u) near tanh = -1, where float32 would lose the digits of a small result, and no libm tanh per value.
+GELU_TANH_LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
+GELU_TANH_CUBIC = 0.044715 * GELU_TANH_LINEAR
+_GELU_TANH_F32 = (np.float32(GELU_TANH_LINEAR), np.float32(GELU_TANH_CUBIC))
 
 # erf(z) ~ z P(z^2) / Q(z^2) for |z| < 4, coefficients lowest order first: a minimax fit on [0, 4] (Lawson-weighted
 # least squares against mpmath's erf), max |error| 1.5e-9 in float64. For |z| >= 4, 1 - |erf(z)| < 1.6e-8: erf = +-1,
@@ -309,6 +314,18 @@ def _quick_gelu_scale_for_dtype(dtype):
     if dtype.dtype == numba.types.float32:
         return lambda dtype: _QUICK_GELU_SCALE_F32
     return lambda dtype: QUICK_GELU_SCALE
+
+
+def gelu_tanh_coefficients(dtype):
+    """gelu_tanh's (a, b) in ``dtype`` inside a kernel, as :func:`one_of` gives 1."""
+    return GELU_TANH_LINEAR, GELU_TANH_CUBIC
+
+
+@overload(gelu_tanh_coefficients)
+def _gelu_tanh_coefficients_for_dtype(dtype):
+    if dtype.dtype == numba.types.float32:
+        return lambda dtype: _GELU_TANH_F32
+    return lambda dtype: (GELU_TANH_LINEAR, GELU_TANH_CUBIC)
 
 
 def scalar_erf(z, dtype):
@@ -470,9 +487,8 @@ def copy_leading_columns(source, destination):
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "quick_gelu")
 _SILU = ACTIVATIONS.index("silu")
 _GELU = ACTIVATIONS.index("gelu")
+_GELU_TANH = ACTIVATIONS.index("gelu_tanh")
 _QUICK_GELU = ACTIVATIONS.index("quick_gelu")
-# the activations the GEMM and the depthwise conv apply in registers (vactivate)
-IN_REGISTERS = (_SILU, _GELU, _QUICK_GELU)
 # Ints the kernels pass one another, as int64s: Numba compiles a jitted function once more for each literal argument a
 # jitted caller passes it (``f(x, 0)`` is typed Literal[int](0)), and the GEMM would be compiled up to four times.
 NO_ACTIVATION = np.int64(ACTIVATIONS.index("none"))
@@ -492,20 +508,22 @@ def activate(y, act):
     # known not to be negative needs no wraparound, and the loop vectorises):
     #   silu: v * sigmoid(v) = v / (1 + exp(-v)) (exp(-v) = inf for very negative v gives -0, the right limit)
     #   gelu: v * Phi(v) = 0.5 * v * (1 + erf(v / sqrt(2)))
-    #   gelu_tanh: 0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 v^3))), torch's approximate='tanh'
+    #   gelu_tanh: 0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 v^3))), torch's approximate='tanh', computed as
+    #     v / (1 + exp(-v (a + b v^2))) (GELU_TANH_LINEAR, _CUBIC above), SiLU's loop with that gate inside the sigmoid
     #   quick_gelu: v * sigmoid(1.702 v) = v / (1 + exp(-(1.702 v))), SiLU's loop with the scale inside the sigmoid
-    if act == 1:
+    if act == _SILU:
         for c in range(y.size):
             v = y[c]
             y[c] = v / (one_of(y.dtype) + exp_for_silu(-v, y.dtype))
-    elif act == 2:
+    elif act == _GELU:
         for c in range(y.size):
             v = y[c]
             y[c] = 0.5 * v * (1.0 + scalar_erf(v * SQRT_HALF, y.dtype))
-    elif act == 3:
+    elif act == _GELU_TANH:
+        linear, cubic = gelu_tanh_coefficients(y.dtype)
         for c in range(y.size):
             v = y[c]
-            y[c] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+            y[c] = v / (one_of(y.dtype) + exp_for_silu(-(v * (linear + cubic * (v * v))), y.dtype))
     elif act == _QUICK_GELU:
         scale = quick_gelu_scale(y.dtype)
         for c in range(y.size):
@@ -565,12 +583,11 @@ def _float32_exp_lanes(builder, lane, x):
     return builder.fmul(exp_r, power_of_two)
 
 
-def _sigmoid_gated_lanes(builder, value, dtype, scale=None):
-    # v / (1 + exp(-(scale * v))) on a vector of lanes (SiLU without ``scale``, QuickGELU with 1.702): for float32
-    # exp_for_silu_float32's clamp, rounding, Horner polynomial and 2^n scaling, for float64 LLVM's exp (libm's, lane
-    # by lane, as ``math.exp``); the steps of activate's loops in their order.
-    lane = _LaneMath(builder, value.type)
-    x = builder.fneg(value if scale is None else builder.fmul(lane.splat(scale), value))
+def _sigmoid_gated_lanes(builder, lane, value, gate, dtype):
+    # v / (1 + exp(-gate)) on a vector of lanes (SiLU: gate v, QuickGELU: 1.702 v, gelu_tanh: v (a + b v^2)): for
+    # float32 exp_for_silu_float32's clamp, rounding, Horner polynomial and 2^n scaling, for float64 LLVM's exp (libm's,
+    # lane by lane, as ``math.exp``); the steps of activate's loops in their order.
+    x = builder.fneg(gate)
     if dtype == numba.types.float64:
         exp = lane.call("exp", x)
     else:  # exp_for_silu_float32, step by step
@@ -587,7 +604,8 @@ def vsilu(typingctx, v):
         return None
 
     def codegen(context, builder, signature, args):
-        return _sigmoid_gated_lanes(builder, args[0], v.dtype)
+        (value,) = args
+        return _sigmoid_gated_lanes(builder, _LaneMath(builder, value.type), value, value, v.dtype)
 
     return v(v), codegen
 
@@ -600,7 +618,27 @@ def vquick_gelu(typingctx, v):
     scale = _QUICK_GELU_SCALE_F32 if v.dtype == numba.types.float32 else QUICK_GELU_SCALE
 
     def codegen(context, builder, signature, args):
-        return _sigmoid_gated_lanes(builder, args[0], v.dtype, scale)
+        (value,) = args
+        lane = _LaneMath(builder, value.type)
+        return _sigmoid_gated_lanes(builder, lane, value, builder.fmul(lane.splat(scale), value), v.dtype)
+
+    return v(v), codegen
+
+
+@intrinsic
+def vgelu_tanh(typingctx, v):
+    """gelu_tanh lane by lane, v / (1 + exp(-v (a + b v^2))) (:func:`_sigmoid_gated_lanes`, a and b in the lanes'
+    dtype)."""
+    if not isinstance(v, Vector):
+        return None
+    linear, cubic = _GELU_TANH_F32 if v.dtype == numba.types.float32 else (GELU_TANH_LINEAR, GELU_TANH_CUBIC)
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        lane = _LaneMath(builder, value.type)
+        square = builder.fmul(value, value)
+        gate = builder.fmul(value, builder.fadd(lane.splat(linear), builder.fmul(lane.splat(cubic), square)))
+        return _sigmoid_gated_lanes(builder, lane, value, gate, v.dtype)
 
     return v(v), codegen
 
@@ -638,11 +676,13 @@ def vgelu(typingctx, v):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def vactivate(v, act):
-    # act(v) for the activations applied in registers (IN_REGISTERS), v itself for any other
+    # act(v), an activation of ACTIVATIONS by its index (v itself for none)
     if act == _SILU:
         return vsilu(v)
     if act == _GELU:
         return vgelu(v)
+    if act == _GELU_TANH:
+        return vgelu_tanh(v)
     if act == _QUICK_GELU:
         return vquick_gelu(v)
     return v

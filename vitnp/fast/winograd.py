@@ -24,9 +24,7 @@ from .gemm import (
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
 from .vecmath import (
-    IN_REGISTERS,
     NO_ACTIVATION,
-    activate,
     activation_code,
     fma,
     jit,
@@ -185,12 +183,6 @@ def _winograd_output_shared(M, scale, shift, act, out, schedule, job):
                             if 2 * tx + 1 < W:
                                 y = fma(vsub(vsub(s1, s2), s3), channel_scale, channel_shift)
                                 vstore(out_flat, at + padded_out, vactivate(y, act))
-                if act not in IN_REGISTERS:
-                    for i in range(2):
-                        r = 2 * ty + i
-                        if r < H:
-                            at = ((b * H + r) * W + 2 * tx) * padded_out
-                            activate(out_flat[at : at + min(2, W - 2 * tx) * padded_out], act)
         begin, end = take_chunk(schedule, NO_JOB)
 
 
