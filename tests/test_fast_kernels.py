@@ -146,6 +146,18 @@ def test_softmax_finds_the_row_maximum_wherever_it_is(dtype):
         np.testing.assert_array_equal(rows.softmax(x), np.eye(n, dtype=dtype))
 
 
+def test_layer_norm_centres_float32_rows_far_from_zero_as_float64_does():
+    # Rows whose mean is 10^3-10^5 times their spread: the float32 kernel subtracts the mean in two parts (its float32
+    # rounding, then the rest), so the centred values carry no rounding of the mean (one float32 mean would shift a
+    # row by up to half an ulp of 10^5, 4e-3, against a spread of 1e-2 to 10).
+    rng = np.random.default_rng(7)
+    offsets = np.array([1e3, -3e4, 1e5])[:, None]
+    spreads = np.array([1e-2, 1.0, 10.0])[:, None]
+    x = (offsets + spreads * rng.standard_normal((3, 384))).astype(np.float32)
+    weight, bias = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    assert_close(rows.layer_norm(x, weight, bias, 1e-6), reference.layer_norm(x, weight, bias, 1e-6), "kernel")
+
+
 @pytest.mark.parametrize("kernel", ["softmax", "gelu", "layer_norm"])
 def test_in_place_on_a_strided_view(kernel):
     x = np.random.default_rng(4).standard_normal((3, 5, 4)).transpose(0, 2, 1)  # (3, 4, 5), not C-contiguous

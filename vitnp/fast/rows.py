@@ -53,14 +53,18 @@ def _result(y2, shape, out):
 def layer_norm_rows(x, weight, bias, eps, out):
     # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row, var biased (divides by C).
     # Two passes over the row (mean, then centred sum of squares) as torch does: no E[x^2] - E[x]^2 cancellation.
-    # The centred row goes to ``out`` first, so ``out`` may be ``x``.
+    # The sums are float64's; the passes over the values run in x's dtype (float32: twice the lanes of a vector), the
+    # mean subtracted in two parts, its float32 rounding and then the rest, so that centring a row far from 0 loses
+    # no more than float64's mean would. The centred row goes to ``out`` first, so ``out`` may be ``x``.
     rows, channels = x.shape
     for r in range(rows):
         mean = sum_lanes(x[r]) / channels
+        mean_high = x.dtype.type(mean)
+        mean_low = x.dtype.type(mean - mean_high)  # 0 for float64
         for c in range(channels):
-            out[r, c] = x[r, c] - mean
+            out[r, c] = (x[r, c] - mean_high) - mean_low
         var = sum_squares_lanes(out[r]) / channels
-        inv_std = 1.0 / math.sqrt(var + eps)
+        inv_std = x.dtype.type(1.0 / math.sqrt(var + eps))
         for c in range(channels):
             out[r, c] = out[r, c] * inv_std * weight[c] + bias[c]
 
@@ -68,7 +72,7 @@ def layer_norm_rows(x, weight, bias, eps, out):
 def layer_norm(x, weight, bias, eps, out=None):
     """LayerNorm over the last axis: ``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)``.
 
-    Accumulates in float64 for either dtype (Numba promotes the scalar sums), then writes in ``x.dtype``.
+    Sums in float64 for either dtype, the values' passes in ``x.dtype`` (:func:`layer_norm_rows`).
     """
     x2 = as_rows(x)
     y2 = out.reshape(x2.shape) if out is not None and out.flags.c_contiguous else np.empty_like(x2)
