@@ -25,7 +25,7 @@ from tolerances import assert_close
 
 import vitnp
 from vitnp import layers, mobilevit
-from vitnp.fast import conv, fused, gemm, rows, vecmath, windows, winograd
+from vitnp.fast import activations, conv, fused, gemm, rows, vecmath, windows, winograd
 from vitnp.fast import ops as fast_ops
 from vitnp.fast.attention import attention
 from vitnp.reference import ops as reference
@@ -76,7 +76,7 @@ def test_row_sums_are_float64_sums_in_lane_order(n, dtype, seed):
 def _exp_each(x):
     out = np.empty_like(x)
     for i in range(x.size):
-        out[i] = vecmath.scalar_exp(x[i], x.dtype)
+        out[i] = activations.scalar_exp(x[i], x.dtype)
     return out
 
 
@@ -184,7 +184,7 @@ def _linear_case(draw):
     return x, weight, bias, rng
 
 
-@given(st.data(), st.sampled_from(vecmath.ACTIVATIONS), st.booleans(), st.booleans())
+@given(st.data(), st.sampled_from(activations.ACTIVATIONS), st.booleans(), st.booleans())
 def test_linear_with_scale_activation_and_residual(data, act, with_scale, with_residual):
     # The GEMM's epilogue: act((x W^T) * scale + bias) + residual (a conv's BatchNorm and SiLU, fc1's bias and GELU, a
     # block's last Linear and its residual add) on every tile, the cut-short last panel and the rows past the last
@@ -360,8 +360,8 @@ def test_depthwise_3x3_inside_the_map_is_the_general_sum_bit_for_bit(B, H, W, C,
 
 
 # Activations in registers: no oracle needed beyond rows.silu's and gelu's loops over memory, which test_fast_ops
-# holds to the reference (and the test below to float64 at gelu_tanh's far ends). The edges: exp's clamps and float32 exp's range (softmax's and SiLU's), erf's clamps (at
-# v = +-4 sqrt(2)), +-inf, nan.
+# holds to the reference (and a test above to float64 at gelu_tanh's far ends). The edges: exp's clamps and float32
+# exp's range (softmax's and SiLU's), erf's clamps (at v = +-4 sqrt(2)), +-inf, nan.
 ACTIVATION_EDGES = [np.nan, np.inf, -np.inf, -1e30, -1e4, -104.5, -104.0, -89.0, -88.72, -88.38, -88.37, -87.0, -20.0,
                     -5.66, -5.65, -1e-30, 0.0, 1e-30, 5.65, 5.66, 20.0, 87.0, 88.72, 89.0, 1e4, 1e30]
 
@@ -375,9 +375,9 @@ def _assert_same_bits(a, b):
 @given(st.integers(1, 20), st.integers(1, 80), st.sampled_from([1, 3]), st.integers(1, 3), DTYPES, SEEDS)
 def test_activations_in_registers_are_activations_in_memory_bit_for_bit(rows_, channels, kernel, stride, dtype, seed):
     # The GEMM applies SiLU, GELU and gelu_tanh to its output tile in the registers, the depthwise conv to its vectors
-    # of channels (vecmath.vsilu, vgelu, vgelu_tanh); rows.silu / gelu run their loop over memory: the same operations
-    # in the same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on every tile row and
-    # column, every vector and scalar channel remainder.
+    # of channels (activations.vsilu, vgelu, vgelu_tanh); rows.silu / gelu run their loop over memory: the same
+    # operations in the same order, so the same bits, over exp's and erf's whole range (clamps, +-inf, nan) and on
+    # every tile row and column, every vector and scalar channel remainder.
     rng = np.random.default_rng(seed)
     pool = np.concatenate([ACTIVATION_EDGES, rng.standard_normal(40) * 30])
     signs = rng.choice([-1.0, 1.0], channels)
@@ -457,7 +457,7 @@ def _assert_image_conv2d_is_conv2d(B, C, H, W, kernel, stride, padding, out, dty
     packed = pack(rng.standard_normal((out, kernel * kernel * C)).astype(dtype))
     scale, shift = rng.uniform(0.5, 2, out).astype(dtype), rng.standard_normal(out).astype(dtype)
     nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-    for act in vecmath.ACTIVATIONS:
+    for act in activations.ACTIVATIONS:
         y = conv.image_conv2d(images, packed, kernel, stride, padding, shift, act, scale)
         assert y.dtype == dtype and y.flags.c_contiguous
         np.testing.assert_array_equal(y, conv.conv2d(nhwc, packed, kernel, stride, padding, shift, act, scale))
@@ -536,7 +536,7 @@ WINOGRAD_CHANNELS = st.lists(st.integers(1, 40) | st.sampled_from([16, 32, 48]),
 
 
 @given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 12), WINOGRAD_CHANNELS, st.integers(1, 40),
-       st.sampled_from(vecmath.ACTIVATIONS), DTYPES, SEEDS)
+       st.sampled_from(activations.ACTIVATIONS), DTYPES, SEEDS)
 def test_winograd_conv3x3_is_conv2d_to_a_few_ulp(B, H, W, maps_channels, out, act, dtype, seed):
     # The transforms add and subtract up to nine window values and the weights' halves, rounded once each: the error
     # is a few ulp of the largest terms, as for a GEMM's reordered sums. Measured on these cases up to ~2e-6 (float32)
@@ -616,7 +616,7 @@ def _inverted_residual_fused(x, depthwise_weight, packed, scale_shifts, act, str
 @given(st.integers(1, 3), st.integers(1, 14), st.integers(1, 14), st.integers(1, 24),
        st.integers(1, 70) | st.sampled_from([16, 32, 64]), st.integers(1, 40),
        st.sampled_from([(1, 3), (2, 3), (1, 5), (2, 5)]), st.sampled_from([None, 1, 2, 3]),
-       st.sampled_from(vecmath.ACTIVATIONS), st.booleans(), DTYPES, SEEDS)
+       st.sampled_from(activations.ACTIVATIONS), st.booleans(), DTYPES, SEEDS)
 def test_inverted_residual_is_the_three_convs_one_by_one_bit_for_bit(B, H, W, in_chs, mid, out_chs, stride_kernel,
                                                                      tile_rows, act, shortcut, dtype, seed):
     # Tiles of 1-3 output rows make the band keep rows from the tile before (at stride 1 and 2, for 3x3 and 5x5
@@ -669,7 +669,7 @@ def test_inverted_residual_rejects_what_does_not_fit():
 
 
 @given(st.integers(1, 6), st.integers(1, 70), st.integers(1, 4), st.integers(1, 40), st.sampled_from([1.0, 2.0, 2.5]),
-       st.booleans(), st.sampled_from(vecmath.ACTIVATIONS), st.sampled_from([1, 2]), DTYPES, SEEDS)
+       st.booleans(), st.sampled_from(activations.ACTIVATIONS), st.sampled_from([1, 2]), DTYPES, SEEDS)
 def test_transformer_block_is_the_blocks_fast_ops_one_by_one_bit_for_bit(S, N, heads, head_dim, mlp_ratio, qkv_bias,
                                                                          act, threads, dtype, seed):
     # The fused kernel runs the block's kernels on the rows of a chunk of sequences, the chunks shared out between

@@ -121,9 +121,9 @@ def test_linear_with_quick_gelu_matches_torch_on_both_backends(shapes, with_bias
 @given(st.integers(1, 20), st.integers(1, 80), st.sampled_from([1, 3]), st.integers(1, 3), DTYPES, SEEDS)
 def test_quick_gelu_in_registers_is_quick_gelu_in_memory_bit_for_bit(n_rows, channels, kernel, stride, dtype, seed):
     # The GEMM applies quick_gelu to its output tile in the registers and the depthwise conv to its vectors of
-    # channels (vecmath.vquick_gelu); rows.quick_gelu runs vecmath.activate's loop over memory: the same operations
-    # in the same order, over exp's whole range (its clamps, +-inf, nan), every tile row and column, every vector and
-    # scalar channel remainder.
+    # channels (activations.vquick_gelu); rows.quick_gelu runs activations.activate's loop over memory: the same
+    # operations in the same order, over exp's whole range (its clamps, +-inf, nan), every tile row and column, every
+    # vector and scalar channel remainder.
     rng = np.random.default_rng(seed)
     pool = np.concatenate([ACTIVATION_EDGES, rng.standard_normal(40) * 30])
     weight = (rng.choice([-1.0, 1.0], channels) * rng.uniform(0.5, 2.0, channels)).astype(dtype)

@@ -5,6 +5,8 @@ the scores, a softmax row of a few vectors (vitnp.fast.attention), against the r
   number of keys around the vectors' and panels' edges with a bias and a mask (their last keys added one by one).
 - The softmax's exp: within 2 ulp of exp over [-80, 0], 0 below -80 (no subnormal number reaches the product with v),
   NaN kept; scores far apart (a key masked off, a row dominated by one key) and NaN inputs, as the reference gives them.
+- The kernel's paths: the last keys as tail keys or a padded vector, head_dims that are not a whole number of vectors,
+  NaN in a tail key; its vector primitives (a square block transposed in registers, a masked load) against NumPy.
 
 Tolerance: 'kernel' (tests/tolerances.py), as test_fast_ops.py compares attention.
 """
@@ -18,8 +20,9 @@ from tolerances import assert_close
 
 from vitnp import swin
 from vitnp.fast import gemm, vecmath
+from vitnp.fast.activations import EXP_FLOOR, vexp_floored
 from vitnp.fast.attention import attention
-from vitnp.fast.vecmath import EXP_FLOOR, vexp_floored
+from vitnp.fast.vecmath import vload_first, vtranspose
 from vitnp.reference import ops as reference
 
 
@@ -120,3 +123,79 @@ def test_scores_far_apart_and_nan_inputs(dtype):
     y = attention(broken, 0.2)
     assert np.isnan(y[0, :, 1]).all() and not np.isnan(y[0, :, 0]).any()
     assert math.isnan(_expected(broken, 0.2)[0, 0, 1, 0])
+
+
+# ---- the kernel's own paths: tail keys, head_dim not a whole number of vectors, the transpose, the masked load -------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tail_keys_and_head_dims_around_the_vector_edges(dtype):
+    # N % lanes up to a quarter of a vector are tail keys (scores off q^T's columns, exps a vector of rows), more are a
+    # padded vector; head_dim not a whole number of vectors goes through padded copies of v and the output rows. Each
+    # with a bias and a 0 / -100 mask, several windows and heads (the last head's v ends the array).
+    lanes = vecmath.VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(3)
+    for n in sorted({lanes + 1, lanes + lanes // 4, lanes + lanes // 4 + 1, 3 * lanes + 1, 49}):
+        for head_dim in (lanes, lanes + 4, 2 * lanes + 3, 8):
+            qkv = rng.standard_normal((4, n, 3, 3, head_dim)).astype(dtype)
+            bias = rng.standard_normal((3, n, n)).astype(dtype)
+            mask = np.where(rng.random((2, n, n)) < 0.3, -100.0, 0.0).astype(dtype)
+            y = attention(qkv, head_dim**-0.5, bias, mask)
+            assert y.dtype == dtype
+            assert_close(y, _expected(qkv, head_dim**-0.5, bias, mask), "kernel")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_in_a_tail_key_or_its_query(dtype):
+    # Swin's key 48 is a tail key: a NaN in its k makes every row of its head NaN, a NaN in query 48 its own row only
+    rng = np.random.default_rng(4)
+    qkv = rng.standard_normal((2, 49, 3, 2, 32)).astype(dtype)
+    broken = qkv.copy()
+    broken[1, 48, 1, 0, 3] = np.nan
+    y = attention(broken, 0.2)
+    assert np.isnan(y[1, :, 0]).all() and not np.isnan(y[1, :, 1]).any() and not np.isnan(y[0]).any()
+    broken = qkv.copy()
+    broken[0, 48, 0, 1, 30] = np.nan
+    y = attention(broken, 0.2)
+    assert np.isnan(y[0, 48, 1]).all() and not np.isnan(np.delete(y[0, :, 1], 48, axis=0)).any()
+
+
+@numba.njit
+def _transpose_blocks(source, stride, rows, factor, destination, columns):
+    # every lanes x lanes block of source's rows (a flat array, rows of ``stride``), the rows past ``rows`` repeating
+    # the last, transposed into destination (flat, rows of ``columns``)
+    lanes = vecmath.vector_lanes(source)
+    for r in range(0, rows, lanes):
+        for c in range(0, stride, lanes):
+            vtranspose(source, r * stride + c, stride, rows - r, factor, destination, c * columns + r, columns)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vtranspose_against_numpy(dtype):
+    lanes = vecmath.VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(5)
+    for rows in (1, lanes - 1, lanes, 2 * lanes + 3):
+        padded = -(-rows // lanes) * lanes
+        source = rng.standard_normal((rows, 2 * lanes)).astype(dtype)
+        destination = np.full((2 * lanes, padded), np.nan, dtype)
+        _transpose_blocks(source.reshape(-1), 2 * lanes, rows, dtype(0.5), destination.reshape(-1), padded)
+        expected = np.concatenate([source, np.repeat(source[-1:], padded - rows, axis=0)]) * dtype(0.5)
+        np.testing.assert_array_equal(destination, expected.T)
+
+
+@numba.njit
+def _first_lanes(array, index, count):
+    out = np.empty(vecmath.vector_lanes(array), array.dtype)
+    vecmath.vstore(out, 0, vload_first(array, index, count))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vload_first_reads_count_lanes_and_zeros(dtype):
+    lanes = vecmath.VECTOR_BYTES // np.dtype(dtype).itemsize
+    values = np.arange(1, 3 * lanes + 1, dtype=dtype)
+    for count in range(lanes):
+        for index in (0, 5, values.size - count):  # the last: the lanes past count would be past the array's end
+            expected = np.zeros(lanes, dtype)
+            expected[:count] = values[index : index + count]
+            np.testing.assert_array_equal(_first_lanes(values, index, count), expected)

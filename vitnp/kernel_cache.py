@@ -62,7 +62,7 @@ def kernel_sources_digest():
 class _KernelSources:
     """For vitnp's kernels only: the compiled code is valid for the sources of all of vitnp's kernel modules, not
     for the kernel's own file alone (Numba's stamp), because a kernel compiles the functions it calls from other
-    modules (vecmath's exp and activations, schedule's chunks) into itself: a change there must recompile it."""
+    modules (activations' exp, vecmath's vectors, schedule's chunks) into itself: a change there must recompile it."""
 
     def get_source_stamp(self):
         return kernel_sources_digest()

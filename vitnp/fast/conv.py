@@ -11,22 +11,11 @@ import numba
 import numpy as np
 
 from ..reference.ops import conv_output_size
+from .activations import activate, activation_code, vactivate
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift, residual_rows
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
-from .vecmath import (
-    activate,
-    activation_code,
-    copy,
-    fma,
-    jit,
-    vactivate,
-    vbroadcast,
-    vector_lanes,
-    vload,
-    vstore,
-    vzeros,
-)
+from .vecmath import copy, fma, jit, vbroadcast, vector_lanes, vload, vstore, vzeros
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Depthwise convolution with its BatchNorm and activation

@@ -5,13 +5,14 @@ many short sequences. The same kernels, in the same order, as their layers one b
 import numpy as np
 
 from ..threads import get_num_threads
+from .activations import NO_ACTIVATION, activation_code
 from .attention import attention_items
 from .conv import conv_output_shape, depthwise_conv2d_rows
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, linear_rows, padded_scale_shift, padded_vector
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import layer_norm_rows
 from .schedule import NO_JOB, one_thread_schedule, take_chunk
-from .vecmath import NO_ACTIVATION, ZERO, activation_code, copy, copy_leading_columns, jit
+from .vecmath import ZERO, copy, copy_leading_columns, jit
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The MV2 (inverted residual) block in one pass

@@ -19,24 +19,11 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from .activations import activation_code, vactivate
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import as_rows
 from .schedule import NO_JOB, take_chunk
-from .vecmath import (
-    ZERO,
-    VECTOR_BYTES,
-    activation_code,
-    copy_leading_columns,
-    fma,
-    jit,
-    vactivate,
-    vadd,
-    vbroadcast,
-    vload,
-    vstore,
-    vzeros,
-)
-
+from .vecmath import VECTOR_BYTES, ZERO, copy_leading_columns, fma, jit, vadd, vbroadcast, vload, vstore, vzeros
 
 
 def l2_cache_bytes(folder="/sys/devices/system/cpu/cpu0/cache", default=1 << 20):

@@ -9,9 +9,10 @@ import math
 import numba
 import numpy as np
 
+from .activations import activate, activation_code, scalar_exp
 from .pool import MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
-from .vecmath import activate, activation_code, jit, max_lanes, scalar_exp, sum_lanes, sum_squares_lanes
+from .vecmath import jit, max_lanes, sum_lanes, sum_squares_lanes
 
 
 def as_rows(x):

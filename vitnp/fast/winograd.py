@@ -11,6 +11,7 @@ few ulp of the largest input, as a GEMM's reordered sums (tested against the ref
 import numba
 import numpy as np
 
+from .activations import NO_ACTIVATION, activation_code, vactivate
 from .conv import conv_maps
 from .gemm import (
     PackedWeight,
@@ -23,19 +24,7 @@ from .gemm import (
 )
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
-from .vecmath import (
-    NO_ACTIVATION,
-    activation_code,
-    fma,
-    jit,
-    vactivate,
-    vadd,
-    vector_lanes,
-    vload,
-    vstore,
-    vsub,
-    vzeros,
-)
+from .vecmath import fma, jit, vadd, vector_lanes, vload, vstore, vsub, vzeros
 
 _WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])  # 4x3
 
