@@ -371,6 +371,73 @@ def test_attention_probs_and_scaled_dot_product_attention_match_torch(case):
     assert_close(y, expected.numpy(), "kernel")
 
 
+def _logit_scale(rng, heads, dtype):
+    """Swin V2's per-head multiplier of the cosines, (heads, 1, 1): exp of a logit scale in [0, log 100]."""
+    return np.exp(rng.uniform(0.0, np.log(100.0), (heads, 1, 1))).astype(dtype)
+
+
+def _cosine_kind(dtype):
+    """The tolerance of cosine attention: float32's 'layer', as the logit scale (up to 100) multiplies the cosines'
+    rounding (~2^-24 each) into the scores, ~1e-5 of a score, and so of the softmax's weights; float64's 'kernel'."""
+    return "layer" if dtype == np.float32 else "kernel"
+
+
+@needs_torch
+@given(attention_cases(), st.booleans(), SEEDS)
+def test_cosine_attention_matches_timms_steps_in_torch(case, zero_rows, seed):
+    # timm's WindowAttention (v2): (F.normalize(q) @ F.normalize(k)^T) * logit_scale + bias (+ mask), softmax, @ v.
+    # Some rows of q and k all zero (zero_rows): F.normalize's eps keeps them 0, the scores then 0, not NaN.
+    q, k, v, _, bias, mask = case
+    rng = np.random.default_rng(seed)
+    if zero_rows:
+        q[rng.random(q.shape[:3]) < 0.2] = 0
+        k[rng.random(k.shape[:3]) < 0.2] = 0
+    logit_scale = _logit_scale(rng, q.shape[1], q.dtype)
+    y = ops.cosine_attention(q, k, v, logit_scale, 1e-12, bias, mask)
+    assert y.dtype == q.dtype and y.shape == q.shape
+    scores = F.normalize(_t(q), dim=-1) @ F.normalize(_t(k), dim=-1).transpose(-2, -1) * _t(logit_scale)
+    attn_mask = _torch_attention_mask(q.shape[0], bias, mask, q.dtype)
+    probs = (scores if attn_mask is None else scores + attn_mask).softmax(dim=-1)
+    assert_close(y, (probs @ _t(v)).numpy(), _cosine_kind(q.dtype))
+
+
+@on_both_backends
+@given(attention_cases(), SEEDS)
+def test_cosine_attention_ignores_the_length_of_q_and_k_rows(backend, case, seed):
+    # No oracle: only the directions of q's and k's rows count, so scaling each row by its own positive factor
+    # changes nothing beyond rounding; at logit scale 0 every key weighs the same.
+    q, k, v, _, bias, mask = case
+    rng = np.random.default_rng(seed)
+    attention = backend_ops(backend).cosine_attention
+    logit_scale = _logit_scale(rng, q.shape[1], q.dtype)
+    y = attention(q, k, v, logit_scale, 1e-12, bias, mask)
+    stretched_q = q * rng.uniform(0.01, 100.0, (*q.shape[:3], 1)).astype(q.dtype)
+    stretched_k = k * rng.uniform(0.01, 100.0, (*k.shape[:3], 1)).astype(k.dtype)
+    assert_close(attention(stretched_q, stretched_k, v, logit_scale, 1e-12, bias, mask), y, _cosine_kind(q.dtype))
+    flat = attention(q, k, v, logit_scale * 0, 1e-12)  # every score 0: each row the mean of v's rows
+    assert_close(flat, np.broadcast_to(v.mean(axis=2, keepdims=True), y.shape), "kernel")
+
+
+@on_both_backends
+def test_cosine_attention_at_a_huge_logit_scale_takes_the_value_of_the_most_similar_key(backend):
+    # No oracle: at logit scale 1e6 the softmax puts all its weight on the key of the largest cosine with the query
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((3, 2, 3, 10, 8))
+    cosines = np.einsum("bhnd,bhmd->bhnm", q, k) / np.linalg.norm(q, axis=-1)[..., None] / np.linalg.norm(k, axis=-1)[
+        :, :, None]  # (B, heads, N, N)
+    nearest = cosines.argmax(axis=-1)  # (B, heads, N)
+    expected = np.take_along_axis(v, nearest[..., None], axis=2)  # (B, heads, N, head_dim)
+    y = backend_ops(backend).cosine_attention(q, k, v, np.full((3, 1, 1), 1e6), 1e-12)
+    assert_close(y, expected, "kernel")
+
+
+def test_cosine_attention_names_a_logit_scale_of_the_wrong_shape():
+    q = np.zeros((1, 3, 4, 8), np.float32)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"logit_scale must be \(3, 1, 1\)"):
+            backend_ops(backend).cosine_attention(q, q, q, np.ones(3, np.float32), 1e-12)
+
+
 @given(attention_cases(masked=True))
 def test_the_mask_of_window_w_goes_to_every_nw_th_window(case):
     # No oracle but the op itself: window b of a batch with masks (nW, N, N) is that window alone with the one mask

@@ -192,6 +192,26 @@ def test_a_wrong_pretrained_window_size_changes_the_output(backend):
         assert np.abs(model(x) - expected).max() > 1e-2, wrong
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_position_bias_follows_new_cpb_weights_and_refuses_changes_in_place(backend):
+    """The continuous position bias is computed once per set of cpb_mlp weights: a load_state_dict after a forward
+    gives the logits of a model built with the new weights, and writing into a weight it was computed from fails
+    instead of leaving it stale."""
+    model = _vitnp_small("square", None, np.float32, backend)
+    x = images((1, 3, 64, 64), np.float32, seed=6)
+    before = model(x)
+    state = model.state_dict()
+    rng = np.random.default_rng(7)
+    changed = {key: (rng.standard_normal(value.shape).astype(value.dtype) if ".cpb_mlp." in key else value)
+               for key, value in state.items()}
+    model.load_state_dict(changed)
+    after = model(x)
+    assert_close(after, _vitnp_small("square", changed, np.float32, backend)(x), "model")
+    assert np.abs(after - before).max() > 1e-3
+    with pytest.raises(ValueError, match="read-only"):
+        model.state_dict()["layers.0.blocks.0.attn.cpb_mlp.2.weight"][0, 0] = 1.0
+
+
 def test_forward_trace_names_are_timms_module_paths_and_end_in_the_logits():
     model = vitnp.create_model("swinv2_tiny_window8_256", **SMALL["square"])
     x = images((1, 3, 64, 64), np.float32)

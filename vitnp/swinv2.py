@@ -117,14 +117,25 @@ class WindowAttention(Module):
     def relative_position_bias(self, dtype):
         """(heads, N, N): 16 * sigmoid(cpb_mlp(table))[index[i, j], h], in ``dtype``.
 
-        The ReLU and the sigmoid are NumPy (the backends' ops have neither); the two Linears are the backend's.
+        It depends on the cpb_mlp's weights alone: computed once for the weight arrays the module holds (a
+        load_state_dict puts new ones in), which are then made read-only, as the fast backend makes the weights it
+        packs, so that a change in place fails instead of leaving the bias stale. The ReLU and the sigmoid are NumPy
+        (the backends' ops have neither); the two Linears are the backend's.
         """
         first, last = getattr(self.cpb_mlp, "0"), getattr(self.cpb_mlp, "2")
+        weights = (first.weight, first.bias, last.weight)
+        cached = self.__dict__.get("_cached_bias")
+        if cached is not None and cached[1] == dtype and all(a is b for a, b in zip(cached[0], weights)):
+            return cached[2]
         hidden = np.maximum(first(self.relative_coords_table.astype(dtype)), 0)  # ReLU: (2wh-1, 2ww-1, 512)
         table = last(hidden).reshape(-1, self.num_heads)  # ((2wh-1) * (2ww-1), heads)
         N = self.relative_position_index.shape[0]
         bias = table[self.relative_position_index.reshape(-1)].reshape(N, N, -1).transpose(2, 0, 1)  # (heads, N, N)
-        return 16 / (1 + np.exp(-bias))  # 16 * sigmoid: the bias lies in (0, 16)
+        bias = np.ascontiguousarray(16 / (1 + np.exp(-bias)))  # 16 * sigmoid: the bias lies in (0, 16)
+        for weight in weights:
+            weight.flags.writeable = False
+        self._cached_bias = (weights, np.dtype(dtype), bias)
+        return bias
 
     def __call__(self, x, mask=None):
         """(B*nW, N, C) windows -> (B*nW, N, C); ``mask`` (nW, N, N) is added per window of every image."""
@@ -132,12 +143,10 @@ class WindowAttention(Module):
         bias = np.concatenate([self.q_bias, np.zeros_like(self.q_bias), self.v_bias]) if self.qkv_bias else None
         qkv = self.ops.linear(x, self.qkv.weight, bias).reshape(B_, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B*nW, heads, N, head_dim)
-        # cosine attention: unit q and k (F.normalize), the per-head logit scale folded into q
-        q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), NORMALIZE_EPS)
-        k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), NORMALIZE_EPS)
-        q = q * np.exp(np.minimum(self.logit_scale, LOGIT_SCALE_MAX))  # (heads, 1, 1) per head
-        # softmax(q k^T + 16 sigmoid(cpb) + mask) v; window w of each image takes mask[w]
-        x = self.ops.scaled_dot_product_attention(q, k, v, 1.0, self.relative_position_bias(x.dtype), mask)
+        # softmax(normalize(q) normalize(k)^T * logit_scale + 16 sigmoid(cpb) + mask) v; window w of each image takes
+        # mask[w]
+        logit_scale = np.exp(np.minimum(self.logit_scale, LOGIT_SCALE_MAX))  # (heads, 1, 1)
+        x = self.ops.cosine_attention(q, k, v, logit_scale, NORMALIZE_EPS, self.relative_position_bias(x.dtype), mask)
         x = x.transpose(0, 2, 1, 3).reshape(B_, N, C)  # heads joined: (B*nW, N, C)
         return self.proj(x)
 

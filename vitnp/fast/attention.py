@@ -16,6 +16,8 @@ timm's ``Attention.forward``: q * scale, q @ k^T, (+ bias, + mask), softmax, @ v
 sum comes after the product with v instead of before it.
 """
 
+import math
+
 import numba
 import numpy as np
 
@@ -381,3 +383,39 @@ def attention(qkv, scale, bias=None, mask=None):
     arguments = (qkv, qkv.dtype.type(scale), bias, mask, out, width)
     run_shared(attention_items, arguments, B * heads, B * heads * N * N * (2 * head_dim + MACS_PER_VALUE))
     return out
+
+
+@jit
+def unit_qk_items(qkv, logit_scale, eps, out, schedule, job):
+    # out[b, n] = (q / max(|q|, eps) * logit_scale[h], k / max(|k|, eps), v) for every head h of the tokens b * N + n
+    # of the chunks this thread takes: qkv and out (B, N, 3, heads, head_dim), logit_scale (heads,). Each norm a
+    # float64 sum of squares, rounded to the dtype; then the division and the product in the dtype, as the reference's.
+    N, heads, head_dim = qkv.shape[1], qkv.shape[3], qkv.shape[4]
+    begin, end = take_chunk(schedule, job)
+    while begin < end:
+        for token in range(begin, end):
+            b, n = token // N, token % N
+            for h in range(heads):
+                for part in range(2):  # q, then k
+                    row = qkv[b, n, part, h]
+                    squares = 0.0
+                    for d in range(head_dim):
+                        squares += np.float64(row[d]) * np.float64(row[d])
+                    norm = qkv.dtype.type(max(math.sqrt(squares), eps))
+                    factor = logit_scale[h] if part == 0 else qkv.dtype.type(1.0)
+                    for d in range(head_dim):
+                        out[b, n, part, h, d] = row[d] / norm * factor
+                out[b, n, 2, h] = qkv[b, n, 2, h]
+        begin, end = take_chunk(schedule, NO_JOB)
+
+
+def cosine_attention(qkv, logit_scale, eps, bias=None, mask=None):
+    """Swin V2's scaled cosine attention of a qkv Linear's output ``qkv`` (B, N, 3, heads, head_dim), as (B, N, heads,
+    head_dim): q and k made unit rows (each over max(its norm, eps)), q times ``logit_scale[h]`` (heads,), in one
+    pass into a copy of qkv, then :func:`attention` of it with scale 1."""
+    qkv = np.ascontiguousarray(qkv)
+    B, N, _, heads, head_dim = qkv.shape
+    unit = np.empty_like(qkv)
+    arguments = (qkv, np.ascontiguousarray(logit_scale, qkv.dtype).reshape(heads), eps, unit)
+    run_shared(unit_qk_items, arguments, B * N, qkv.size * MACS_PER_VALUE // 4)
+    return attention(unit, 1.0, bias, mask)

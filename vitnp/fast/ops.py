@@ -127,6 +127,19 @@ def scaled_dot_product_attention(q, k, v, scale, bias=None, mask=None):
     return out.transpose(0, 2, 1, 3)  # (B, heads, N, head_dim), a view
 
 
+def cosine_attention(q, k, v, logit_scale, eps, bias=None, mask=None):
+    """:func:`vitnp.reference.ops.cosine_attention`: q and k made unit rows (q times its head's logit scale) in one
+    pass over the qkv Linear's output they are views of, into a copy that the attention kernel reads."""
+    check_dtypes("cosine_attention", q, k, v, logit_scale)
+    reference.check_attention_shapes(q, k, v)
+    reference.check_logit_scale(logit_scale, q.shape[1])
+    if q.shape != k.shape:
+        with threads.single_threaded():
+            return reference.cosine_attention(q, k, v, logit_scale, eps, bias, mask)
+    out = attention_kernel.cosine_attention(_qkv_of(q, k, v), logit_scale, eps, bias, mask)  # (B, N, heads, head_dim)
+    return out.transpose(0, 2, 1, 3)  # (B, heads, N, head_dim), a view
+
+
 # The rotary position embedding is the reference's op itself: a few element-wise passes over q and k (4 flops a
 # value, against the 4 * N flops a value of the attention that follows), which NumPy's vector loops run at memory
 # speed; a kernel of its own would save only the temporaries.

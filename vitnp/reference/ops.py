@@ -21,7 +21,7 @@ ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "quick_gelu")
 
 __all__ = [
     "ACTIVATIONS", "apply_rot_embed_cat",
-    "attention_probs", "conv2d", "gelu", "group_norm", "inverted_residual", "layer_norm", "linear",
+    "attention_probs", "conv2d", "cosine_attention", "gelu", "group_norm", "inverted_residual", "layer_norm", "linear",
     "linear_self_attention", "map_batch",
     "patch_embed", "patchify", "resize_bilinear", "roll", "scaled_dot_product_attention", "silu", "softmax", "tanh",
     "transformer_blocks", "window_partition", "window_reverse",
@@ -138,6 +138,26 @@ def scaled_dot_product_attention(q, k, v, scale, bias=None, mask=None):
     check_dtypes("attention", q, v)
     check_attention_shapes(q, k, v)
     return attention_probs(q, k, scale, bias, mask) @ v  # (B, heads, Nq, head_dim)
+
+
+def cosine_attention(q, k, v, logit_scale, eps, bias=None, mask=None):
+    """Swin V2's scaled cosine attention: softmax(normalize(q) normalize(k)^T * logit_scale + bias + mask) @ v, with
+    ``F.normalize(t, dim=-1, eps=eps)``'s unit rows (each row over max(its norm, eps)) and ``logit_scale`` (heads, 1,
+    1) the multiplier of head h's cosines (timm's clamped ``logit_scale.exp()``), folded into q. q, k, v (B, heads, N,
+    head_dim); ``bias`` and ``mask`` as :func:`attention_probs` takes them."""
+    check_dtypes("cosine_attention", q, k, v, logit_scale)
+    check_attention_shapes(q, k, v)
+    check_logit_scale(logit_scale, q.shape[1])
+    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), eps)  # unit rows: (B, heads, N, head_dim)
+    k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), eps)
+    return scaled_dot_product_attention(q * logit_scale, k, v, 1.0, bias, mask)
+
+
+def check_logit_scale(logit_scale, heads):
+    """A ValueError unless ``logit_scale`` is (heads, 1, 1), one multiplier per head."""
+    if np.shape(logit_scale) != (heads, 1, 1):
+        raise ValueError(f"cosine_attention: logit_scale must be ({heads}, 1, 1), one per head, got "
+                         f"{np.shape(logit_scale)}")
 
 
 def check_attention_shapes(q, k, v):
