@@ -123,6 +123,22 @@ def test_row_ops(name, case):
     assert_close(y, expected, "kernel")
 
 
+@compares("group_norm")
+@given(st.integers(1, 3), st.integers(1, 300), st.integers(1, 40), st.sampled_from([0.1, 1.0, 10.0]),
+       st.sampled_from([0.0, -3.0, 100.0]), DTYPES, SEEDS)
+def test_group_norm(B, positions, C, scale, offset, dtype, seed):
+    # MobileViT v2's GroupNorm1 on channels-last samples (B, positions, C), some far from zero mean (100 standard
+    # deviations off: float32's passes must centre them as the reference's float64 does; further off, float64's own
+    # rounding of the mean, in another order in each, moves the results apart by more than its 'kernel' tolerance)
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal((B, positions, C)) + offset) * scale).astype(dtype)
+    weight = (1 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    bias = rng.standard_normal(C).astype(dtype)
+    y = fast.group_norm(x, weight, bias, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, reference.group_norm(x, weight, bias, 1e-5), "kernel")
+
+
 @compares("patch_embed", "patchify")
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 8), st.integers(1, 5), st.integers(1, 5),
        st.integers(0, 7), st.integers(1, 40), st.booleans(), DTYPES, SEEDS)

@@ -77,9 +77,11 @@ def layer_norm(x, weight, bias, eps):
     return rows.layer_norm(x, weight, bias, eps)
 
 
-# MobileViT v2's GroupNorm: the reference's own Numba loop. Each reads its map three times, a small part of the work
-# next to the 1x1 convs around it, so no kernel of its own.
-group_norm = reference.group_norm
+def group_norm(x, weight, bias, eps):
+    """:func:`vitnp.reference.ops.group_norm` (MobileViT v2's GroupNorm1): LayerNorm's kernel over each sample's
+    values, sums in float64 vector lanes."""
+    check_dtypes("group_norm", x, weight, bias)
+    return rows.group_norm(x, weight, bias, eps)
 
 
 def gelu(x, approximate="none"):

@@ -1,4 +1,5 @@
-"""LayerNorm, GELU, SiLU, QuickGELU and softmax over the last axis of any array: Numba kernels over rows.
+"""LayerNorm, GELU, SiLU, QuickGELU and softmax over the last axis of any array: Numba kernels over rows; and
+GroupNorm with one group, LayerNorm's statistics over a whole sample.
 
 Each ``_<op>_rows`` kernel computes the op on a block of rows; its ``_<op>_shared`` twin runs it on the chunks of rows
 this thread takes (:func:`vitnp.fast.schedule.take_chunk`), and :func:`_share_rows` hands that to the threads.
@@ -50,22 +51,30 @@ def _result(y2, shape, out):
     return y
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def centred_inverse_std(values, centred, eps):
+    # centred = values - mean (1-D arrays; ``centred`` may be ``values``), and 1 / sqrt(var + eps) in the dtype, var
+    # biased (divides by the count). Two passes over the values (mean, then centred sum of squares) as torch does: no
+    # E[x^2] - E[x]^2 cancellation. The sums are float64's; the passes over the values run in their dtype (float32:
+    # twice the lanes of a vector), the mean subtracted in two parts, its float32 rounding and then the rest, so that
+    # centring values far from 0 loses no more than float64's mean would.
+    count = values.shape[0]
+    mean = sum_lanes(values) / count
+    mean_high = values.dtype.type(mean)
+    mean_low = values.dtype.type(mean - mean_high)  # 0 for float64
+    for c in range(count):
+        centred[c] = (values[c] - mean_high) - mean_low
+    var = sum_squares_lanes(centred) / count
+    return values.dtype.type(1.0 / math.sqrt(var + eps))
+
+
 @jit
 def layer_norm_rows(x, weight, bias, eps, out):
-    # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row, var biased (divides by C).
-    # Two passes over the row (mean, then centred sum of squares) as torch does: no E[x^2] - E[x]^2 cancellation.
-    # The sums are float64's; the passes over the values run in x's dtype (float32: twice the lanes of a vector), the
-    # mean subtracted in two parts, its float32 rounding and then the rest, so that centring a row far from 0 loses
-    # no more than float64's mean would. The centred row goes to ``out`` first, so ``out`` may be ``x``.
+    # y = (x - mean) / sqrt(var + eps) * weight + bias, statistics per row; the centred row goes to ``out`` first, so
+    # ``out`` may be ``x``.
     rows, channels = x.shape
     for r in range(rows):
-        mean = sum_lanes(x[r]) / channels
-        mean_high = x.dtype.type(mean)
-        mean_low = x.dtype.type(mean - mean_high)  # 0 for float64
-        for c in range(channels):
-            out[r, c] = (x[r, c] - mean_high) - mean_low
-        var = sum_squares_lanes(out[r]) / channels
-        inv_std = x.dtype.type(1.0 / math.sqrt(var + eps))
+        inv_std = centred_inverse_std(x[r], out[r], eps)
         for c in range(channels):
             out[r, c] = out[r, c] * inv_std * weight[c] + bias[c]
 
@@ -87,6 +96,28 @@ def _layer_norm_shared(x, weight, bias, eps, out, schedule, job):
     while begin < end:
         layer_norm_rows(x[begin:end], weight, bias, eps, out[begin:end])
         begin, end = take_chunk(schedule, NO_JOB)
+
+
+@jit
+def group_norm_samples(x, weight, bias, eps, out):
+    # GroupNorm with one group: y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c], statistics per sample of x
+    # (samples, positions, C) (every position and channel), as LayerNorm's over the sample's values in a row.
+    samples, positions, channels = x.shape
+    for b in range(samples):
+        inv_std = centred_inverse_std(x[b].reshape(-1), out[b].reshape(-1), eps)
+        for p in range(positions):
+            for c in range(channels):
+                out[b, p, c] = out[b, p, c] * inv_std * weight[c] + bias[c]
+
+
+def group_norm(x, weight, bias, eps):
+    """GroupNorm with one group over channels-last samples x (B, ..., C): ``torch.nn.functional.group_norm(x, 1,
+    weight, bias, eps)`` on the channels-first array. LayerNorm's sums and passes (:func:`centred_inverse_std`) over
+    each sample's values; a sample is one thread's (a batch is split between threads by samples already)."""
+    samples = np.ascontiguousarray(x).reshape(x.shape[0], -1, x.shape[-1])  # (B, positions, C)
+    out = np.empty_like(samples)
+    group_norm_samples(samples, weight, bias, eps, out)
+    return out.reshape(x.shape)
 
 
 @jit
