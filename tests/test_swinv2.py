@@ -212,6 +212,23 @@ def test_the_position_bias_follows_new_cpb_weights_and_refuses_changes_in_place(
         model.state_dict()["layers.0.blocks.0.attn.cpb_mlp.2.weight"][0, 0] = 1.0
 
 
+def test_the_kept_position_bias_is_the_backends_and_is_not_carried_into_copies():
+    """The bias kept by a model on one backend is not used on the other (their Linears round differently): switched
+    to the reference, a model gives a fresh reference model's logits bit for bit. A pickled copy computes its own and
+    makes its own weights read-only (its unpickled arrays are writable, and a write would leave a copied bias stale)."""
+    import pickle
+
+    model = _vitnp_small("square", None, np.float32, "fast")
+    x = images((1, 3, 64, 64), np.float32, seed=8)
+    model(x)
+    fresh = _vitnp_small("square", model.state_dict(), np.float32, "reference")
+    np.testing.assert_array_equal(model.set_backend("reference")(x), fresh(x))
+    copy = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(copy(x), fresh(x))
+    with pytest.raises(ValueError, match="read-only"):
+        copy.state_dict()["layers.1.blocks.1.attn.cpb_mlp.0.bias"][0] = 1.0
+
+
 def test_forward_trace_names_are_timms_module_paths_and_end_in_the_logits():
     model = vitnp.create_model("swinv2_tiny_window8_256", **SMALL["square"])
     x = images((1, 3, 64, 64), np.float32)

@@ -118,14 +118,16 @@ class WindowAttention(Module):
         """(heads, N, N): 16 * sigmoid(cpb_mlp(table))[index[i, j], h], in ``dtype``.
 
         It depends on the cpb_mlp's weights alone: computed once for the weight arrays the module holds (a
-        load_state_dict puts new ones in), which are then made read-only, as the fast backend makes the weights it
-        packs, so that a change in place fails instead of leaving the bias stale. The ReLU and the sigmoid are NumPy
-        (the backends' ops have neither); the two Linears are the backend's.
+        load_state_dict puts new ones in), its dtype and backend; the weights are then made read-only, as the fast
+        backend makes the weights it packs, so that a change in place fails instead of leaving the bias stale. The
+        ReLU and the sigmoid are NumPy (the backends' ops have neither); the two Linears are the backend's.
         """
         first, last = getattr(self.cpb_mlp, "0"), getattr(self.cpb_mlp, "2")
         weights = (first.weight, first.bias, last.weight)
         cached = self.__dict__.get("_cached_bias")
-        if cached is not None and cached[1] == dtype and all(a is b for a, b in zip(cached[0], weights)):
+        if cached is not None and cached[1] == (np.dtype(dtype), self.backend) and all(
+            a is b for a, b in zip(cached[0], weights)
+        ):
             return cached[2]
         hidden = np.maximum(first(self.relative_coords_table.astype(dtype)), 0)  # ReLU: (2wh-1, 2ww-1, 512)
         table = last(hidden).reshape(-1, self.num_heads)  # ((2wh-1) * (2ww-1), heads)
@@ -134,8 +136,13 @@ class WindowAttention(Module):
         bias = np.ascontiguousarray(16 / (1 + np.exp(-bias)))  # 16 * sigmoid: the bias lies in (0, 16)
         for weight in weights:
             weight.flags.writeable = False
-        self._cached_bias = (weights, np.dtype(dtype), bias)
+        self._cached_bias = (weights, (np.dtype(dtype), self.backend), bias)
         return bias
+
+    def __getstate__(self):  # a copy (pickle, deepcopy) computes its bias again, and makes its own weights read-only
+        state = super().__getstate__()
+        state.pop("_cached_bias", None)
+        return state
 
     def __call__(self, x, mask=None):
         """(B*nW, N, C) windows -> (B*nW, N, C); ``mask`` (nW, N, N) is added per window of every image."""
