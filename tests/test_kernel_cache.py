@@ -188,6 +188,9 @@ import vitnp, vitnp.fast
 for name in ("vit_digits_patch4_32", "swin_tiny_patch4_window7_224", "mobilevit_xxs"):
     model = vitnp.create_model(name, backend="fast")
     model(np.zeros((1, *vitnp.data_config(name)["input_size"]), np.float32))
+latent = np.ones((1, 3, 4), np.float32)  # a read-only input, as an attention pool's latent queries loaded from a file
+latent.flags.writeable = False
+vitnp.fast.ops.linear(latent, np.ones((8, 4), np.float32))
 kernels = {}
 for module_info in pkgutil.iter_modules(vitnp.fast.__path__):
     module = importlib.import_module(f"vitnp.fast.{module_info.name}")
@@ -266,11 +269,14 @@ def test_an_unknown_compile_mode_is_refused(monkeypatch):
         compiling.Tiering().mode()
 
 
-def test_one_specialisation_per_kernel_for_a_dtype():
+def test_one_specialisation_per_kernel_for_a_dtype(tmp_path):
     # A model compiles each kernel it uses once for float32: a literal argument (``f(x, 0)`` from another kernel)
     # would compile a kernel again for Literal[int](0), as the GEMM once was four times. The Winograd input transform
-    # takes a tuple of one or two maps (a concatenation), a type of its own each.
-    result = run(LIST_SPECIALISATIONS, clean_env())
+    # takes a tuple of one or two maps (a concatenation), a type of its own each. A read-only input to a Linear is
+    # copied, not a GEMM compiled apart for read-only arrays.
+    # An empty cache: a kernel that only other kernels call shows the signatures it was compiled for when it is
+    # compiled, not when its callers are loaded from the cache.
+    result = run(LIST_SPECIALISATIONS, clean_env(NUMBA_CACHE_DIR=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     kernels = json.loads(result.stdout)
     assert "vitnp.fast.gemm.gemm_panels" in kernels and "vitnp.fast.fused._inverted_residual_shared" in kernels

@@ -115,12 +115,13 @@ def install_kernel_locators():
 
 
 # One registered model of each kind whose forward calls a different set of kernels (a 1-channel stem, the distillation
-# token, separate q / k / v Linears, post-norm blocks, Swin's windows, MobileViT's convolutions, MobileViT v2's
-# GroupNorm, CLIP's QuickGELU, EVA-02's SwiGLU and rotary embedding): their first forwards
+# token, separate q / k / v Linears, post-norm blocks, Swin's windows, Swin V2's cosine attention, MobileViT's
+# convolutions, MobileViT v2's GroupNorm, CLIP's QuickGELU, EVA-02's SwiGLU and rotary embedding): their first forwards
 # compile every kernel any registered model uses, for a dtype and backend.
 # The slowest to compile come first, so that the worker processes share the work out evenly.
 KERNEL_SAMPLES = (
-    "mobilevit_xxs", "mobilevitv2_050", "swin_tiny_patch4_window7_224", "vit_digits_patch4_32", "vit_tiny_patch16_224",
+    "mobilevit_xxs", "mobilevitv2_050", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256",
+    "vit_digits_patch4_32", "vit_tiny_patch16_224",
     "deit_tiny_distilled_patch16_224", "vit_base_patch32_clip_quickgelu_224", "eva02_tiny_patch14_224",
     "lucidrains_vit_patch32_256", "notes_prenorm_vit_patch32_256", "notes_torch_encoder_vit_patch7_28",
 )

@@ -25,7 +25,9 @@ from .activations import vexp_floored
 from .pool import MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
 from .vecmath import (
+    ONE,
     VECTOR_BYTES,
+    ZERO,
     fma,
     jit,
     vadd,
@@ -334,22 +336,22 @@ def attention_items(qkv, scale, bias, mask, out, width, schedule, job):
                              mask_at, body + t, tail, t * rows_padded)
             for i in range(0, N, TILE_ROWS):
                 rows = min(TILE_ROWS, N - i)
-                c = 0
+                c = ZERO
                 while c < body_padded:  # q k^T of the tile's rows
                     vectors = min((body_padded - c) // lanes, TILE_VECTORS)
-                    _tile(queries_t, i, 1, query_columns, rows, keys_t, c, body_padded, head_dim, vectors, scores, c,
-                          padded_keys, no_scale)
+                    _tile(queries_t, i, ONE, query_columns, rows, keys_t, c, body_padded, head_dim, vectors, scores,
+                          c, padded_keys, no_scale)
                     c += vectors * lanes
                 _softmax_rows(scores, padded_keys, rows, body, N, bias_flat, bias_at + i * N, mask_flat,
                               mask_at + i * N, key_padding, tail, i, rows_padded, row_max, row_factor, tail_exp)
-                c = 0
+                c = ZERO
                 while c < padded_dim:  # @ v, normalised
                     vectors = min((padded_dim - c) // lanes, TILE_VECTORS)
                     if in_place:
-                        _tile(scores, 0, padded_keys, 1, rows, values, c, padded_dim, N, vectors, out_flat,
+                        _tile(scores, ZERO, padded_keys, ONE, rows, values, c, padded_dim, N, vectors, out_flat,
                               (b * N + i) * out_stride + h * head_dim + c, out_stride, row_factor)
                     else:
-                        _tile(scores, 0, padded_keys, 1, rows, values, c, padded_dim, N, vectors, head_out, c,
+                        _tile(scores, ZERO, padded_keys, ONE, rows, values, c, padded_dim, N, vectors, head_out, c,
                               padded_dim, row_factor)
                     c += vectors * lanes
                 if not in_place:

@@ -296,6 +296,8 @@ def linear(x, packed, bias=None, act="none", scale=None, residual=None):
             f"linear: input has {x.shape[-1]} features on its last axis, the weight takes {panels.shape[1]}"
         )
     x2 = as_rows(x)
+    if not x2.flags.writeable:  # a parameter as the input (an attention pool's latent queries, loaded from a file):
+        x2 = x2.copy()  # Numba would compile the GEMM again for a read-only x; a copy of such an input costs less
     rows, depth = x2.shape
     residual2 = residual_rows(residual, (*x.shape[:-1], out_features), x.dtype, "linear")
     n_panels, _, width = panels.shape

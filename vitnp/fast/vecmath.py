@@ -33,6 +33,7 @@ I32 = llvmlite.ir.IntType(32)
 # Ints the kernels pass one another, as int64s: Numba compiles a jitted function once more for each literal argument a
 # jitted caller passes it (``f(x, 0)`` is typed Literal[int](0)), and the GEMM would be compiled up to four times.
 ZERO = np.int64(0)
+ONE = np.int64(1)
 
 
 class Vector(numba.types.Type):
