@@ -22,7 +22,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_reference_ops import DTYPES, LINEAR_SHAPES, SEEDS, _cosine_kind, random_conv_norm_act, random_parameters
+from test_reference_ops import (
+    DTYPES,
+    LINEAR_SHAPES,
+    SEEDS,
+    cosine_kind,
+    random_conv_norm_act,
+    random_logit_scale,
+    random_parameters,
+)
 from tolerances import assert_close
 
 import vitnp
@@ -202,14 +210,13 @@ def test_cosine_attention_on_views_of_a_fused_qkv_and_on_separate_arrays(case, s
     # Swin V2's attention: q and k made unit rows out of the qkv Linear's output (views) or three arrays of their own
     qkv, _, bias, mask = case
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), a view
-    rng = np.random.default_rng(seed)
-    logit_scale = np.exp(rng.uniform(0.0, np.log(100.0), (q.shape[1], 1, 1))).astype(qkv.dtype)
+    logit_scale = random_logit_scale(np.random.default_rng(seed), q.shape[1], qkv.dtype)
     separate = tuple(t.copy() for t in (q, k, v))
     expected = reference.cosine_attention(*separate, logit_scale, 1e-12, bias, mask)
     for inputs in ((q, k, v), separate):
         y = fast.cosine_attention(*inputs, logit_scale, 1e-12, bias, mask)
         assert y.dtype == qkv.dtype and y.shape == q.shape
-        assert_close(y, expected, _cosine_kind(qkv.dtype))  # the logit scale (up to 100) multiplies the rounding
+        assert_close(y, expected, cosine_kind(qkv.dtype))  # the logit scale (up to 100) multiplies the rounding
     np.testing.assert_array_equal(qkv.transpose(2, 0, 3, 1, 4)[0], q)  # the input left as it was
 
 

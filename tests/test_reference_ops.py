@@ -371,12 +371,12 @@ def test_attention_probs_and_scaled_dot_product_attention_match_torch(case):
     assert_close(y, expected.numpy(), "kernel")
 
 
-def _logit_scale(rng, heads, dtype):
+def random_logit_scale(rng, heads, dtype):
     """Swin V2's per-head multiplier of the cosines, (heads, 1, 1): exp of a logit scale in [0, log 100]."""
     return np.exp(rng.uniform(0.0, np.log(100.0), (heads, 1, 1))).astype(dtype)
 
 
-def _cosine_kind(dtype):
+def cosine_kind(dtype):
     """The tolerance of cosine attention: float32's 'layer', as the logit scale (up to 100) multiplies the cosines'
     rounding (~2^-24 each) into the scores, ~1e-5 of a score, and so of the softmax's weights; float64's 'kernel'."""
     return "layer" if dtype == np.float32 else "kernel"
@@ -392,13 +392,13 @@ def test_cosine_attention_matches_timms_steps_in_torch(case, zero_rows, seed):
     if zero_rows:
         q[rng.random(q.shape[:3]) < 0.2] = 0
         k[rng.random(k.shape[:3]) < 0.2] = 0
-    logit_scale = _logit_scale(rng, q.shape[1], q.dtype)
+    logit_scale = random_logit_scale(rng, q.shape[1], q.dtype)
     y = ops.cosine_attention(q, k, v, logit_scale, 1e-12, bias, mask)
     assert y.dtype == q.dtype and y.shape == q.shape
     scores = F.normalize(_t(q), dim=-1) @ F.normalize(_t(k), dim=-1).transpose(-2, -1) * _t(logit_scale)
     attn_mask = _torch_attention_mask(q.shape[0], bias, mask, q.dtype)
     probs = (scores if attn_mask is None else scores + attn_mask).softmax(dim=-1)
-    assert_close(y, (probs @ _t(v)).numpy(), _cosine_kind(q.dtype))
+    assert_close(y, (probs @ _t(v)).numpy(), cosine_kind(q.dtype))
 
 
 @on_both_backends
@@ -409,11 +409,11 @@ def test_cosine_attention_ignores_the_length_of_q_and_k_rows(backend, case, seed
     q, k, v, _, bias, mask = case
     rng = np.random.default_rng(seed)
     attention = backend_ops(backend).cosine_attention
-    logit_scale = _logit_scale(rng, q.shape[1], q.dtype)
+    logit_scale = random_logit_scale(rng, q.shape[1], q.dtype)
     y = attention(q, k, v, logit_scale, 1e-12, bias, mask)
     stretched_q = q * rng.uniform(0.01, 100.0, (*q.shape[:3], 1)).astype(q.dtype)
     stretched_k = k * rng.uniform(0.01, 100.0, (*k.shape[:3], 1)).astype(k.dtype)
-    assert_close(attention(stretched_q, stretched_k, v, logit_scale, 1e-12, bias, mask), y, _cosine_kind(q.dtype))
+    assert_close(attention(stretched_q, stretched_k, v, logit_scale, 1e-12, bias, mask), y, cosine_kind(q.dtype))
     flat = attention(q, k, v, logit_scale * 0, 1e-12)  # every score 0: each row the mean of v's rows
     assert_close(flat, np.broadcast_to(v.mean(axis=2, keepdims=True), y.shape), "kernel")
 

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from .activations import vexp_floored
-from .pool import MACS_PER_VALUE, run_shared
+from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
 from .vecmath import (
     ONE,
@@ -419,5 +419,5 @@ def cosine_attention(qkv, logit_scale, eps, bias=None, mask=None):
     B, N, _, heads, head_dim = qkv.shape
     unit = np.empty_like(qkv)
     arguments = (qkv, np.ascontiguousarray(logit_scale, qkv.dtype).reshape(heads), eps, unit)
-    run_shared(unit_qk_items, arguments, B * N, qkv.size * MACS_PER_VALUE // 4)
+    run_shared(unit_qk_items, arguments, B * N, qkv.size * MACS_PER_COPY)  # a copy, a few flops a value
     return attention(unit, 1.0, bias, mask)
