@@ -714,6 +714,14 @@ def measure_memory(engine, model_name, npz_path, onnx_path, batch, n_threads, dt
 # ----------------------------------------------------------------------------------------------- main
 
 
+def tuned_settings():
+    """The fast engine's float32 settings measured on this CPU (vitnp.fast.tuning); measured now if no run kept them."""
+    from vitnp.fast import gemm
+
+    size = gemm.panel_block_bytes("float32")
+    return f"GEMM panels in blocks of {'the whole depth' if size == 0 else f'{size >> 10} KiB'} (float32)"
+
+
 def print_environment(args):
     """Print where and with what the figures are measured; return the measured GEMM peak per thread count."""
     import numpy as np
@@ -725,6 +733,7 @@ def print_environment(args):
     print(f"command: python benchmarks/bench_models.py {shlex.join(sys.argv[1:])}")
     print(f"CPU: {cpu_report()}; load average {load_report()}")
     print(f"CPU features for GEMM kernels: {gemm_features() or 'unknown (no /proc/cpuinfo)'}")
+    print(f"vitnp's settings measured on this CPU: {tuned_settings()}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, vitnp {vitnp.__version__}, "
           + package_versions(["torch", "timm", "onnxruntime", "openvino", "numba"]))
     print(f"OpenBLAS variables removed for this run: {unset}")

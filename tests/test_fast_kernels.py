@@ -198,6 +198,44 @@ def test_linear_with_scale_activation_and_residual(data, act, with_scale, with_r
     assert_close(y, reference.activation(z, act) + (0 if residual is None else residual), "kernel")
 
 
+@given(st.data(), st.sampled_from(activations.ACTIVATIONS), st.booleans(), st.integers(1, 30))
+def test_blocks_of_the_depth_change_no_bit(data, act, with_residual, k_block):
+    # gemm_panels over the depth in blocks (its block_bytes, measured per CPU) keeps each output one chain of fused
+    # multiply-adds in k order, the partial sums stored exactly in y between the blocks, and the epilogue (scale,
+    # activation, residual, the cut-short panel's residual) after the last block only: the same bits as the whole
+    # depth at once, for blocks of any depth, one k included, dividing the depth or not.
+    x, weight, bias, rng = _linear_case(data.draw)
+    x = x.reshape(-1, x.shape[-1])
+    panels, out_features = pack(weight)
+    padded_columns = panels.shape[0] * panels.shape[2]
+    scale = rng.uniform(0.5, 2.0, out_features).astype(x.dtype)
+    scale, shift = gemm.padded_scale_shift(padded_columns, out_features, scale, bias, x.dtype)
+    residual = rng.standard_normal((len(x), out_features) if with_residual else (0, 0)).astype(x.dtype)
+    code = activations.activation_code(act)
+    whole = gemm.linear_rows(x, panels, scale, shift, code, residual, out_features, 0)
+    block_bytes = k_block * panels.shape[2] * x.itemsize
+    np.testing.assert_array_equal(gemm.linear_rows(x, panels, scale, shift, code, residual, out_features, block_bytes),
+                                  whole)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_measured_depth_block_gives_linear_the_same_bits(dtype, monkeypatch):
+    # The candidates the CPU's measurement chooses from, set through the environment, on a product deeper than every
+    # block and with a residual: one result, whichever this machine's measurement chose.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 13, 1100)).astype(dtype)
+    packed = pack(rng.standard_normal((40, 1100)).astype(dtype))
+    residual = rng.standard_normal((2, 13, 40)).astype(dtype)
+    results = []
+    for block_bytes in gemm.PANEL_BLOCK_CANDIDATES:
+        monkeypatch.setenv("VITNP_GEMM_PANEL_BLOCK", str(block_bytes))
+        monkeypatch.setattr(gemm.panel_block_bytes, "chosen", {})  # as a process that has not chosen yet
+        assert gemm.panel_block_bytes(dtype) == block_bytes
+        results.append(gemm.linear(x, packed, residual=residual, act="gelu"))
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+
+
 def test_the_gemm_blocks_rows_by_the_l2_cache_linux_describes(tmp_path):
     def cache(index, level, kind, size):
         folder = tmp_path / "cache" / f"index{index}"

@@ -27,6 +27,7 @@ import numpy as np
 from numba.core import caching
 
 from . import compiling
+from .fast import tuning
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -166,11 +167,18 @@ def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), process
     start = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")  # not fork: this process may have threads (the fast backend's)
     with ProcessPoolExecutor(max_workers=processes or os.cpu_count(), mp_context=spawn,
-                             initializer=compiling.compile_in_foreground) as pool:
+                             initializer=_compile_worker) as pool:
         for done in as_completed([pool.submit(_first_forwards, *job) for job in jobs]):
             name, backend, dtype = done.result()
             if report is not None:
                 report(name, backend, dtype, time.perf_counter() - start)
+
+
+def _compile_worker():
+    """A worker of :func:`compile_kernels`: it compiles what is missing in the foreground, and leaves the measured
+    settings (:mod:`vitnp.fast.tuning`) to a process that is not timing them against the other workers."""
+    compiling.compile_in_foreground()
+    tuning.defer_measuring()
 
 
 def compile_from_stdin(dtype):
@@ -178,6 +186,7 @@ def compile_from_stdin(dtype):
     compiled (or found in the cache) by forwards at batch 1 and 2 of a randomly initialised copy."""
     with contextlib.suppress(OSError):
         os.nice(5)  # the process that asked runs its forwards meanwhile: it comes first
+    tuning.defer_measuring()  # and would make this one's timings of the measured settings wrong
     model = pickle.loads(sys.stdin.buffer.read())
     if model is None:
         for name in KERNEL_SAMPLES:

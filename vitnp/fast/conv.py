@@ -12,7 +12,7 @@ import numpy as np
 
 from ..reference.ops import conv_output_size
 from .activations import activate, activation_code, vactivate
-from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift, residual_rows
+from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift, panel_block_bytes, residual_rows
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
 from .vecmath import copy, fma, jit, vbroadcast, vector_lanes, vload, vstore, vzeros
@@ -234,7 +234,7 @@ def _im2col_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, c
 
 @jit
 def _conv2d_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, panels, scale, shift, act, residual, y,
-                   band_rows, n_columns, schedule, job):
+                   band_rows, block_bytes, n_columns, schedule, job):
     # The items are (band, panel) pairs, band by band, a band being band_rows output rows (b * Ho + i): for a run of
     # panels over a band, the band's im2col rows go to this thread's scratch (once for its panels), then gemm_panels
     # computes those panels of the band's rows of y (B * Ho * Wo, padded columns) from them.
@@ -257,7 +257,7 @@ def _conv2d_shared(maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, p
             end_panel = min(end - band * n_panels, n_panels)
             gemm_panels(
                 columns[: bottom - top], panels, scale, shift, act, band_residual, y[top:bottom], first_panel,
-                end_panel, block_rows, n_columns,
+                end_panel, block_rows, block_bytes, n_columns,
             )
         begin, end = take_chunk(schedule, NO_JOB)
 
@@ -328,7 +328,7 @@ def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none"
     band_rows = max(1, L2_ROWS_BYTES // (Wo * row_length * y.itemsize))  # its im2col rows stay in the L2 cache
     code = activation_code(act)
     arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, panels, padded_scale, padded_shift,
-                 code, residual2, y, band_rows, out_features)
+                 code, residual2, y, band_rows, panel_block_bytes(dtype), out_features)
     macs = B * Ho * Wo * (out_features * (row_length + (MACS_PER_VALUE if code else 0)) + row_length * MACS_PER_COPY)
     run_shared(_conv2d_shared, arguments, -(-(B * Ho) // band_rows) * n_panels, macs)
     if y.shape[1] != out_features:  # the last panel is cut short: drop its padding columns

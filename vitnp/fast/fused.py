@@ -8,7 +8,15 @@ from ..threads import get_num_threads
 from .activations import NO_ACTIVATION, activation_code
 from .attention import attention_items
 from .conv import conv_output_shape, depthwise_conv2d_rows
-from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, linear_rows, padded_scale_shift, padded_vector
+from .gemm import (
+    L2_ROWS_BYTES,
+    gemm_panels,
+    l2_block_rows,
+    linear_rows,
+    padded_scale_shift,
+    padded_vector,
+    panel_block_bytes,
+)
 from .pool import MACS_PER_VALUE, run_shared
 from .rows import layer_norm_rows
 from .schedule import NO_JOB, one_thread_schedule, take_chunk
@@ -31,7 +39,7 @@ from .vecmath import ZERO, copy, copy_leading_columns, jit
 def _inverted_residual_shared(
     x, expand_panels, expand_scale, expand_shift, expand_act, taps, depthwise_scale, depthwise_shift, depthwise_act,
     stride, padding, project_panels, project_scale, project_shift, project_act, out_chs, shortcut, out, tile_rows,
-    parts, schedule, job,
+    parts, block_bytes, schedule, job,
 ):
     # out[b, i] for the output rows b * Ho + i, cut into ``parts`` runs: a chunk of runs is one run of rows, computed
     # tile_rows at a time, whose first tile expands the rows it shares with the run before again. x (B, H, W, in); taps
@@ -66,7 +74,7 @@ def _inverted_residual_shared(
             expanded = band[: rows * W * padded_mid].reshape(rows * W, padded_mid)
             gemm_panels(  # expand 1x1: the band's new rows
                 x_rows[(b * H + top + kept) * W : (b * H + bottom) * W], expand_panels, expand_scale, expand_shift,
-                expand_act, none, expanded[kept * W :], ZERO, expand_panels.shape[0], expand_block, mid,
+                expand_act, none, expanded[kept * W :], ZERO, expand_panels.shape[0], expand_block, block_bytes, mid,
             )
             image, band_top, band_bottom = b, top, bottom
             depthwise_out = tile[: n * Wo * padded_mid].reshape(1, n, Wo, padded_mid)
@@ -82,7 +90,8 @@ def _inverted_residual_shared(
             residual = shortcut[row * Wo : (row + n) * Wo] if shortcut.shape[0] else none
             gemm_panels(  # project 1x1 (+ shortcut)
                 projected, project_panels, project_scale, project_shift, project_act, residual,
-                out_rows[row * Wo : (row + n) * Wo], ZERO, project_panels.shape[0], project_block, out_chs,
+                out_rows[row * Wo : (row + n) * Wo], ZERO, project_panels.shape[0], project_block, block_bytes,
+                out_chs,
             )
             row += n
         begin, end = take_chunk(schedule, NO_JOB)
@@ -139,7 +148,7 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
         padded_vector(depthwise_shift, 0.0, padded_mid, mid, x.dtype), activation_code(depthwise_act), stride, padding,
         project_panels, *padded_scale_shift(padded_out, out_chs, project_scale, project_shift, x.dtype),
         activation_code(project_act), out_chs, x.reshape(-1, in_chs) if shortcut else np.zeros((0, 0), x.dtype), out,
-        tile_rows, parts,
+        tile_rows, parts, panel_block_bytes(x.dtype),
     )
     activations = sum(MACS_PER_VALUE for act in (expand_act, depthwise_act, project_act) if act != "none")
     macs = B * H * W * mid * in_chs + B * Ho * Wo * mid * (kernel_size**2 + out_chs) + out.size * activations
@@ -162,7 +171,7 @@ def inverted_residual(x, expand, depthwise, project, stride=1, padding=1, shortc
 def _transformer_block_shared(
     x, norm1_weight, norm1_bias, norm1_eps, qkv_panels, qkv_scale, qkv_shift, proj_panels, proj_scale, proj_shift,
     norm2_weight, norm2_bias, norm2_eps, fc1_panels, fc1_scale, fc1_shift, act, fc2_panels, fc2_scale, fc2_shift,
-    heads, attention_scale, out, schedule, job,
+    heads, attention_scale, block_bytes, out, schedule, job,
 ):
     # out[s] = layers.Block's forward of sequence x[s] (N, dim) for the sequences s of the chunks this thread takes
     _, N, dim = x.shape
@@ -176,16 +185,20 @@ def _transformer_block_shared(
         x_rows = x[begin:end].reshape(rows, dim)
         h = np.empty((rows, dim), x.dtype)
         layer_norm_rows(x_rows, norm1_weight, norm1_bias, norm1_eps, h)  # norm1(x)
-        qkv = linear_rows(h, qkv_panels, qkv_scale, qkv_shift, NO_ACTIVATION, none, 3 * dim)
+        qkv = linear_rows(h, qkv_panels, qkv_scale, qkv_shift, NO_ACTIVATION, none, 3 * dim, block_bytes)
         attended = np.empty((sequences, N, heads, head_dim), x.dtype)  # softmax((q * scale) @ k^T) @ v per head
         qkv = qkv.reshape(sequences, N, 3, heads, head_dim)  # (sequences, N, 3, heads, head_dim), as Attention's
         items = one_thread_schedule(sequences * heads)  # the chunk's (sequence, head) pairs, all on this thread
         attention_items(qkv, attention_scale, no_bias, no_bias, attended, qkv_panels.shape[2], items, NO_JOB)
         attended_rows = attended.reshape(rows, dim)
-        x_rows = linear_rows(attended_rows, proj_panels, proj_scale, proj_shift, NO_ACTIVATION, x_rows, dim)  # x + attn
+        x_rows = linear_rows(  # x + proj(attended)
+            attended_rows, proj_panels, proj_scale, proj_shift, NO_ACTIVATION, x_rows, dim, block_bytes,
+        )
         layer_norm_rows(x_rows, norm2_weight, norm2_bias, norm2_eps, h)  # norm2(x)
-        hidden = linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1])  # act(fc1(.))
-        x_rows = linear_rows(hidden, fc2_panels, fc2_scale, fc2_shift, NO_ACTIVATION, x_rows, dim)  # x + fc2(.)
+        hidden = linear_rows(h, fc1_panels, fc1_scale, fc1_shift, act, none, fc2_panels.shape[1], block_bytes)  # fc1
+        x_rows = linear_rows(  # x + fc2(act(fc1(h)))
+            hidden, fc2_panels, fc2_scale, fc2_shift, NO_ACTIVATION, x_rows, dim, block_bytes,
+        )
         out_rows = out[begin:end].reshape(rows, dim)
         for r in range(rows):
             copy(x_rows[r], out_rows[r])
@@ -227,7 +240,7 @@ def transformer_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads, scale, ac
     out = np.empty_like(x)
     arguments = (
         x, *norm1, *linears["qkv"], *linears["proj"], *norm2, *linears["fc1"], activation_code(act),
-        *linears["fc2"], num_heads, x.dtype.type(scale), out,
+        *linears["fc2"], num_heads, x.dtype.type(scale), panel_block_bytes(x.dtype), out,
     )
     hidden = fc1[0].out_features
     values = num_heads * N + hidden + 2 * dim  # a token's softmax, activation and LayerNorm values

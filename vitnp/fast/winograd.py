@@ -20,6 +20,7 @@ from .gemm import (
     l2_block_rows,
     pack_linear_weight,
     padded_scale_shift,
+    panel_block_bytes,
     panel_width,
 )
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
@@ -119,7 +120,7 @@ def _winograd_input_shared(maps, channels, H, W, V, schedule, job):
 
 
 @jit
-def _winograd_products_shared(V, panels, ones, zeros, M, out_features, schedule, job):
+def _winograd_products_shared(V, panels, ones, zeros, M, out_features, block_bytes, schedule, job):
     # M[k] = V[k] @ U[k]^T for the items k * n_panels + p (panel p of product k)
     n_panels = panels.shape[1]
     none = np.zeros((0, 0), V.dtype)
@@ -130,7 +131,7 @@ def _winograd_products_shared(V, panels, ones, zeros, M, out_features, schedule,
             first_panel, end_panel = max(begin - k * n_panels, 0), min(end - k * n_panels, n_panels)
             gemm_panels(
                 V[k], panels[k], ones, zeros, NO_ACTIVATION, none, M[k], first_panel, end_panel, block_rows,
-                out_features,
+                block_bytes, out_features,
             )
         begin, end = take_chunk(schedule, NO_JOB)
 
@@ -203,7 +204,8 @@ def winograd_conv3x3(maps, packed, bias=None, act="none", scale=None):
     M = np.empty((16, tiles, padded_out), dtype)
     ones, zeros = constant_vector(1.0, padded_out, np.dtype(dtype)), constant_vector(0.0, padded_out, np.dtype(dtype))
     macs = 16 * tiles * padded_C * out_features
-    run_shared(_winograd_products_shared, (V, panels, ones, zeros, M, out_features), 16 * n_panels, macs)
+    arguments = (V, panels, ones, zeros, M, out_features, panel_block_bytes(dtype))
+    run_shared(_winograd_products_shared, arguments, 16 * n_panels, macs)
     out = np.empty((B, H, W, padded_out), dtype)
     padded_scale, padded_shift = padded_scale_shift(padded_out, out_features, scale, bias, dtype)
     code = activation_code(act)
