@@ -236,6 +236,23 @@ def test_every_measured_depth_block_gives_linear_the_same_bits(dtype, monkeypatc
         np.testing.assert_array_equal(result, results[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_weights_start_at_a_cache_line(dtype):
+    # Every vector load of a weight inside one cache line (a large NumPy array starts 16 bytes into one); the panels
+    # are a plain C-contiguous array the kernels take as any other, equal to the weight's columns.
+    for out_features, in_features in ((3072, 768), (768, 3072), (144, 144), (5, 3)):
+        weight = np.arange(out_features * in_features, dtype=dtype).reshape(out_features, in_features)
+        panels = pack(weight).panels
+        assert panels.ctypes.data % vecmath.CACHE_LINE == 0 and panels.flags.c_contiguous
+        width, last = panels.shape[2], out_features - 1
+        np.testing.assert_array_equal(panels[0, :, 0], weight[0])
+        np.testing.assert_array_equal(panels[last // width, :, last % width], weight[last])
+    winograd_panels = winograd.pack_winograd_weight(np.ones((20, 24, 3, 3), dtype)).panels
+    assert winograd_panels.ctypes.data % vecmath.CACHE_LINE == 0 and winograd_panels.flags.c_contiguous
+    for length in (1, 7, 1000):
+        assert vecmath.aligned_empty((length, 3), dtype).ctypes.data % vecmath.CACHE_LINE == 0
+
+
 def test_the_gemm_blocks_rows_by_the_l2_cache_linux_describes(tmp_path):
     def cache(index, level, kind, size):
         folder = tmp_path / "cache" / f"index{index}"

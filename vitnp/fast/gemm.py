@@ -30,7 +30,19 @@ from .pool import MACS_PER_VALUE, run_shared
 from .rows import as_rows
 from .schedule import NO_JOB, take_chunk
 from .tuning import MeasuredSetting
-from .vecmath import VECTOR_BYTES, ZERO, copy_leading_columns, fma, jit, vadd, vbroadcast, vload, vstore, vzeros
+from .vecmath import (
+    VECTOR_BYTES,
+    ZERO,
+    aligned_empty,
+    copy_leading_columns,
+    fma,
+    jit,
+    vadd,
+    vbroadcast,
+    vload,
+    vstore,
+    vzeros,
+)
 
 
 def l2_cache_bytes(folder="/sys/devices/system/cpu/cpu0/cache", default=1 << 20):
@@ -299,8 +311,9 @@ def pack_linear_weight(weight):
     n_panels = -(-out_features // width)
     padded = np.zeros((n_panels * width, in_features), weight.dtype)
     padded[:out_features] = weight
-    panels = padded.reshape(n_panels, width, in_features).transpose(0, 2, 1)  # (n_panels, in, width) view
-    return PackedWeight(np.ascontiguousarray(panels), out_features)
+    panels = aligned_empty((n_panels, in_features, width), weight.dtype)  # at a cache line: no load splits across two
+    panels[...] = padded.reshape(n_panels, width, in_features).transpose(0, 2, 1)
+    return PackedWeight(panels, out_features)
 
 
 def padded_scale_shift(padded_columns, out_features, scale, bias, dtype):

@@ -25,7 +25,7 @@ from .gemm import (
 )
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
-from .vecmath import fma, jit, vadd, vector_lanes, vload, vstore, vsub, vzeros
+from .vecmath import aligned_empty, fma, jit, vadd, vector_lanes, vload, vstore, vsub, vzeros
 
 _WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])  # 4x3
 
@@ -43,8 +43,12 @@ def pack_winograd_weight(weight):
     transformed = np.zeros((4, 4, out_features, padded_C))
     transformed[..., :C] = np.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, weight.astype(np.float64), _WINOGRAD_G)
     transformed = transformed.astype(weight.dtype)
-    panels = np.stack([pack_linear_weight(transformed[i, j]).panels for i in range(4) for j in range(4)])
-    return PackedWeight(panels, out_features)  # panels (16, n_panels, padded_C, width)
+    first = pack_linear_weight(transformed[0, 0]).panels
+    panels = aligned_empty((16, *first.shape), weight.dtype)  # (16, n_panels, padded_C, width), at a cache line
+    for i in range(4):
+        for j in range(4):
+            panels[4 * i + j] = pack_linear_weight(transformed[i, j]).panels
+    return PackedWeight(panels, out_features)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
