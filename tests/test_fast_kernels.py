@@ -237,7 +237,7 @@ def test_every_measured_depth_block_gives_linear_the_same_bits(dtype, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_packed_weights_start_at_a_cache_line(dtype):
+def test_packed_weights_and_gemm_outputs_start_at_a_cache_line(dtype):
     # Every vector load of a weight inside one cache line (a large NumPy array starts 16 bytes into one); the panels
     # are a plain C-contiguous array the kernels take as any other, equal to the weight's columns.
     for out_features, in_features in ((3072, 768), (768, 3072), (144, 144), (5, 3)):
@@ -251,6 +251,13 @@ def test_packed_weights_start_at_a_cache_line(dtype):
     assert winograd_panels.ctypes.data % vecmath.CACHE_LINE == 0 and winograd_panels.flags.c_contiguous
     for length in (1, 7, 1000):
         assert vecmath.aligned_empty((length, 3), dtype).ctypes.data % vecmath.CACHE_LINE == 0
+    # a GEMM's output (whole panels) too: the rows the next op loads as vectors (LayerNorm, attention's q, k, v)
+    for rows_ in (1, 197, 1000):
+        x = np.ones((rows_, 48), dtype)
+        assert gemm.linear(x, pack(np.ones((64, 48), dtype))).ctypes.data % vecmath.CACHE_LINE == 0
+        maps = np.ones((1, rows_, 2, 8), dtype)
+        y = conv.conv2d(maps, pack(np.ones((64, 8), dtype)), 1)
+        assert y.ctypes.data % vecmath.CACHE_LINE == 0
 
 
 def test_the_gemm_blocks_rows_by_the_l2_cache_linux_describes(tmp_path):

@@ -15,7 +15,7 @@ from .activations import activate, activation_code, vactivate
 from .gemm import L2_ROWS_BYTES, gemm_panels, l2_block_rows, padded_scale_shift, panel_block_bytes, residual_rows
 from .pool import MACS_PER_COPY, MACS_PER_VALUE, run_shared
 from .schedule import NO_JOB, take_chunk
-from .vecmath import copy, fma, jit, vbroadcast, vector_lanes, vload, vstore, vzeros
+from .vecmath import aligned_empty, copy, fma, jit, vbroadcast, vector_lanes, vload, vstore, vzeros
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Depthwise convolution with its BatchNorm and activation
@@ -324,7 +324,7 @@ def conv2d(maps, packed, kernel_size, stride=1, padding=0, bias=None, act="none"
     n_panels, _, width = panels.shape
     padded_scale, padded_shift = padded_scale_shift(n_panels * width, out_features, scale, bias, dtype)
     residual2 = residual_rows(residual, (B, Ho, Wo, out_features), dtype, "conv2d")
-    y = np.empty((B * Ho * Wo, n_panels * width), dtype)
+    y = aligned_empty((B * Ho * Wo, n_panels * width), dtype)
     band_rows = max(1, L2_ROWS_BYTES // (Wo * row_length * y.itemsize))  # its im2col rows stay in the L2 cache
     code = activation_code(act)
     arguments = (flat_maps, channels, H, W, kernel_size, stride, padding, Ho, Wo, panels, padded_scale, padded_shift,

@@ -378,7 +378,7 @@ def linear(x, packed, bias=None, act="none", scale=None, residual=None):
     residual2 = residual_rows(residual, (*x.shape[:-1], out_features), x.dtype, "linear")
     n_panels, _, width = panels.shape
     padded_scale, padded_shift = padded_scale_shift(n_panels * width, out_features, scale, bias, x.dtype)
-    y = np.empty((rows, n_panels * width), x.dtype)
+    y = aligned_empty((rows, n_panels * width), x.dtype)  # its rows are the vectors the next ops load
     block_rows = l2_block_rows(depth, x.itemsize)
 
     code = activation_code(act)
