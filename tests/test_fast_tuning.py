@@ -130,3 +130,19 @@ def test_the_gemm_measures_its_depth_blocks_on_this_cpu(monkeypatch):
     kept = kept_settings(gemm.gemm_panels._cache.cache_path)
     assert kept["gemm_panel_block/float32"]["choice"] == choice
     assert set(map(int, kept["gemm_panel_block/float32"]["seconds"])) == set(gemm.PANEL_BLOCK_CANDIDATES)
+
+
+def test_vitnp_compile_measures_in_its_own_process_after_the_workers(monkeypatch):
+    # The workers defer (they time nothing against one another); the process that ran them measures once they are done,
+    # for each dtype it compiled the fast backend's kernels for, and not for the reference backend alone.
+    from vitnp import kernel_cache
+
+    measured = []
+    monkeypatch.setattr(gemm, "panel_block_bytes", measured.append)
+    kernel_cache.compile_kernels(backends=("reference",), dtypes=("float32",), names=())
+    assert measured == []
+    kernel_cache.compile_kernels(backends=("fast", "reference"), dtypes=("float32", "float64"), names=())
+    assert measured == ["float32", "float64"]
+    monkeypatch.setattr(kernel_cache.compiling, "compile_in_foreground", lambda: None)
+    kernel_cache._compile_worker()
+    assert not tuning._measuring

@@ -157,7 +157,8 @@ def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), process
     """Compile (or find in the cache) every kernel the registered models use, for each backend and dtype, so that no
     later run waits for Numba: e.g. once after installing, or in a container image's build. The models ``names``
     (:data:`KERNEL_SAMPLES`) run their first forwards in ``processes`` fresh worker processes at once (default: one
-    per core; they share the cache on disk, where Numba writes each kernel whole or not at all).
+    per core; they share the cache on disk, where Numba writes each kernel whole or not at all); then, for the fast
+    backend, this process measures the settings that depend on the CPU (:mod:`vitnp.fast.tuning`) and keeps them.
     ``report(name, backend, dtype, seconds)`` is called as each model finishes."""
     # imported here, not with the module: every vitnp process imports this one, and these two cost ~20 ms of its start
     import multiprocessing
@@ -172,6 +173,11 @@ def compile_kernels(backends=("fast", "reference"), dtypes=("float32",), process
             name, backend, dtype = done.result()
             if report is not None:
                 report(name, backend, dtype, time.perf_counter() - start)
+    if "fast" in backends:  # the engine's settings measured on this CPU, now that no worker runs beside the timing
+        from .fast import gemm
+
+        for dtype in dtypes:
+            gemm.panel_block_bytes(dtype)
 
 
 def _compile_worker():
