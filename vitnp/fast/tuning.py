@@ -13,6 +13,7 @@ A choice may only change speed, never a bit of the results, so that two machines
 it instead of measuring it.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -35,8 +36,10 @@ def defer_measuring():
     _measuring = False
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_description():
-    """This CPU as the tuning files name it: its model, LLVM's name and features for it, and its cache sizes."""
+    """This CPU as the tuning files name it: its model, LLVM's name and features for it, and its cache sizes (read
+    once per process)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:

@@ -30,14 +30,14 @@ jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 VECTOR_BYTES = 64 if llvmlite.binding.get_host_cpu_features().get("avx512f", False) else 32
 I32 = llvmlite.ir.IntType(32)
-# Where a kernel's packed weights start: a cache line. A 64-byte vector loaded across two lines costs an Intel core two
-# loads (every weight load of a GEMM, for panels that start 16 bytes into a line, as large NumPy arrays do).
+# Where the packed weights and the GEMM's outputs start: a cache line. A 64-byte vector loaded across two lines costs
+# an Intel core two loads (every weight load of a GEMM, for panels that start 16 bytes into a line, as large NumPy
+# arrays do).
 CACHE_LINE = 64
 # Ints the kernels pass one another, as int64s: Numba compiles a jitted function once more for each literal argument a
 # jitted caller passes it (``f(x, 0)`` is typed Literal[int](0)), and the GEMM would be compiled up to four times.
 ZERO = np.int64(0)
 ONE = np.int64(1)
-
 
 
 def aligned_empty(shape, dtype):
@@ -47,6 +47,7 @@ def aligned_empty(shape, dtype):
     memory = np.empty(size + CACHE_LINE, np.uint8)
     start = -memory.ctypes.data % CACHE_LINE
     return memory[start : start + size].view(dtype).reshape(shape)
+
 
 class Vector(numba.types.Type):
     """A SIMD register of float32 or float64 lanes, LLVM's ``<lanes x float>``."""

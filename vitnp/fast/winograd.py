@@ -43,11 +43,9 @@ def pack_winograd_weight(weight):
     transformed = np.zeros((4, 4, out_features, padded_C))
     transformed[..., :C] = np.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, weight.astype(np.float64), _WINOGRAD_G)
     transformed = transformed.astype(weight.dtype)
-    first = pack_linear_weight(transformed[0, 0]).panels
-    panels = aligned_empty((16, *first.shape), weight.dtype)  # (16, n_panels, padded_C, width), at a cache line
-    for i in range(4):
-        for j in range(4):
-            panels[4 * i + j] = pack_linear_weight(transformed[i, j]).panels
+    products = [pack_linear_weight(transformed[i, j]).panels for i in range(4) for j in range(4)]
+    panels = aligned_empty((16, *products[0].shape), weight.dtype)  # (16, n_panels, padded_C, width), at a cache line
+    panels[...] = products
     return PackedWeight(panels, out_features)
 
 
