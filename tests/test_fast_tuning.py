@@ -77,7 +77,9 @@ def test_once_per_process_and_dtype_however_the_dtype_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("kept", ['{"setting/float32": {"choice": 12345}}', '{"setting/float32": 7}', "[1, 2]",
-                                  "{not json", ""])
+                                  '{"setting/float32": {"choice": 0.0}}', '{"setting/float32": {"choice": true}}',
+                                  '{"setting/float32": {"choice": "16"}}', "[" * 100_000, "{not json", "",
+                                  b"\xff\xfe".decode("latin-1")])
 def test_a_kept_file_that_does_not_hold_a_candidate_is_measured_again(tmp_path, kept):
     with open(tuning._settings_path(str(tmp_path)), "w") as file:
         file.write(kept)

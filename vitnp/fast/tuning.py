@@ -67,7 +67,7 @@ def _read_settings(path):
     try:
         with open(path) as file:
             settings = json.load(file)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
         return {}
     return settings if isinstance(settings, dict) else {}
 
@@ -131,8 +131,9 @@ class MeasuredSetting:
         key = f"{self.name}/{dtype_name}"
         path = _settings_path(self.folder())
         kept = _read_settings(path).get(key)
-        if isinstance(kept, dict) and kept.get("choice") in self.candidates:
-            return kept["choice"]
+        choice = kept.get("choice") if isinstance(kept, dict) else None
+        if type(choice) is int and choice in self.candidates:  # not 0.0 or True, which equal candidates
+            return choice
         if not _measuring:
             return None
         seconds, best = self.make_timer(np.dtype(dtype_name)), {}
