@@ -117,23 +117,22 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
                 k_end = min(k_begin + k_block, depth)
                 last = k_end == depth
                 for i in range(block, min(block + block_rows, rows), 6):
-                    # Where the tile's 6 rows of x start; past the last row, the last row again (computed, not stored).
-                    x0 = i * depth
-                    x1 = min(i + 1, rows - 1) * depth
-                    x2 = min(i + 2, rows - 1) * depth
-                    x3 = min(i + 3, rows - 1) * depth
-                    x4 = min(i + 4, rows - 1) * depth
-                    x5 = min(i + 5, rows - 1) * depth
+                    # The tile's 6 rows i, row1 .. row5 (past the last row, the last row again: computed, not stored)
+                    # and where they start in x
+                    row1, row2, row3 = min(i + 1, rows - 1), min(i + 2, rows - 1), min(i + 3, rows - 1)
+                    row4, row5 = min(i + 4, rows - 1), min(i + 5, rows - 1)
+                    x0, x1, x2 = i * depth, row1 * depth, row2 * depth
+                    x3, x4, x5 = row3 * depth, row4 * depth, row5 * depth
                     at = i * padded_columns + column
                     if k_begin == 0:  # acc<r><h>: row i + r, half h of the panel
                         acc00 = acc10 = acc20 = acc30 = acc40 = acc50 = vzeros(y)
                         acc01 = acc11 = acc21 = acc31 = acc41 = acc51 = vzeros(y)
-                    else:  # the sums over the blocks before, from y (rows past the last: the last row's, as for x)
-                        y1 = min(i + 1, rows - 1) * padded_columns + column
-                        y2 = min(i + 2, rows - 1) * padded_columns + column
-                        y3 = min(i + 3, rows - 1) * padded_columns + column
-                        y4 = min(i + 4, rows - 1) * padded_columns + column
-                        y5 = min(i + 5, rows - 1) * padded_columns + column
+                    else:  # the sums over the blocks before, from y
+                        y1 = row1 * padded_columns + column
+                        y2 = row2 * padded_columns + column
+                        y3 = row3 * padded_columns + column
+                        y4 = row4 * padded_columns + column
+                        y5 = row5 * padded_columns + column
                         acc00, acc01 = vload(y_flat, at), vload(y_flat, at + lanes)
                         acc10, acc11 = vload(y_flat, y1), vload(y_flat, y1 + lanes)
                         acc20, acc21 = vload(y_flat, y2), vload(y_flat, y2 + lanes)
@@ -188,13 +187,13 @@ def gemm_panels(x, panels, scale, shift, act, residual, y, first_panel, end_pane
                             acc30, acc31 = vactivate(acc30, act), vactivate(acc31, act)
                             acc40, acc41 = vactivate(acc40, act), vactivate(acc41, act)
                             acc50, acc51 = vactivate(acc50, act), vactivate(acc51, act)
-                        if residual_in_registers:  # rows past the last are the last row again, as for x
+                        if residual_in_registers:
                             r0 = i * out_features + column
-                            r1 = min(i + 1, rows - 1) * out_features + column
-                            r2 = min(i + 2, rows - 1) * out_features + column
-                            r3 = min(i + 3, rows - 1) * out_features + column
-                            r4 = min(i + 4, rows - 1) * out_features + column
-                            r5 = min(i + 5, rows - 1) * out_features + column
+                            r1 = row1 * out_features + column
+                            r2 = row2 * out_features + column
+                            r3 = row3 * out_features + column
+                            r4 = row4 * out_features + column
+                            r5 = row5 * out_features + column
                             acc00 = vadd(acc00, vload(residual_flat, r0))
                             acc01 = vadd(acc01, vload(residual_flat, r0 + lanes))
                             acc10 = vadd(acc10, vload(residual_flat, r1))
